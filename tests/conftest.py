@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny generated IDX data sets, the real MNIST location, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Real MNIST: $TRAINER_MNIST_DIR, else ../shared/data beside the checkout (CI has it there).
+REAL_DATA = Path(os.environ.get("TRAINER_MNIST_DIR", REPO.parent / "shared" / "data"))
+
+TINY_TRAIN = 1536
+TINY_TEST = 1001  # divides by no batch size or process count used in the tests
+
+
+def write_idx(path: Path, array: torch.Tensor) -> None:
+    """Writes a uint8 tensor in the IDX format MNIST uses (big-endian header, then bytes)."""
+    array = array.to(torch.uint8).contiguous()
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.numpy().tobytes())
+
+
+def make_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable fake digits: class k lights a 7x7 block at one of 10 places, over noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 28, 28), generator=g)
+    for k in range(10):
+        row, col = 2 + 8 * (k // 4), 2 + 8 * (k % 4)
+        images[labels == k, row : row + 7, col : col + 7] += 180
+    return images.clamp(0, 255).to(torch.uint8), labels.to(torch.uint8)
+
+
+def write_dataset(root: Path, folder: str = "MNIST", n_train: int = TINY_TRAIN, n_test: int = TINY_TEST) -> Path:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        images, labels = make_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A --data-dir with a tiny MNIST (1,536 train / 1,001 test images)."""
+    return write_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    raw = REAL_DATA / "MNIST" / "raw"
+    if not (raw / "t10k-images-idx3-ubyte").is_file():
+        pytest.fail(f"real MNIST not found in {raw}: set TRAINER_MNIST_DIR or provide ../shared/data")
+    return REAL_DATA
+
+
+def tiny_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    """Fast flags for the tiny data: small batches, short runs, plain output."""
+    return [
+        "--data-dir", str(data_dir), "--output-dir", str(out), "--batch-size", "64",
+        "--eval-batch-size", "128", "--epochs", "2", "--progress", "plain", *extra,
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    env.update(TRAINER_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_trainer(
+    args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None, module: str = "trainer"
+) -> subprocess.CompletedProcess:
+    """Runs `python -m trainer` (nproc=1) or torchrun with gloo (nproc>1) and returns the result."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", module, *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            module,
+            "--cpu",
+            *args,
+        ]
+    return subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,258 @@
+"""Checkpoints never lose work: atomic saves, verified loads, no pickle, fallbacks, signals, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cli_env, run_trainer, tiny_args
+from safetensors.torch import load_file
+
+from trainer import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished")
+    result = run_trainer(tiny_args(tiny_data, out, "--epochs", "3", "--limit-train-batches", "4", "--keep-last", "2"))
+    assert result.returncode == 0, result.stderr
+    return out / "mnist"
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
+def test_layout_manifest_and_metadata(finished_run):
+    folders = sorted(p.name for p in finished_run.glob("step_*"))
+    # keep-last 2 keeps the newest two; `best` may keep one more.
+    assert folders[-2:] == ["step_0000008", "step_0000012"]
+    best = finished_run / "best"
+    assert best.is_symlink() and (finished_run / os.readlink(best)).is_dir()
+    folder = finished_run / "step_0000012"
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "progress.safetensors",
+                     "state.json", "manifest.json"}  # fmt: skip
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format_version"] == ckpt.FORMAT_VERSION and manifest["step"] == 12
+    assert manifest["world_size"] == 1 and set(manifest["files"]) == names - {"manifest.json"}
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert meta["architecture"] == "blog_resnet" and meta["dataset"] == "mnist" and meta["step"] == "12"
+    assert json.loads(meta["normalization"])["divide_by"] == 255.0 and float(meta["valid_acc"]) > 0
+    assert "trainer_version" in meta
+    rng = load_file(folder / "rng.safetensors")
+    assert rng["torch"].shape[0] == 1  # one row per process
+
+
+def test_corrupted_files_are_named_and_latest_falls_back(finished_run, tmp_path, tiny_data):
+    for how in ("truncate", "flip", "delete"):
+        run = copy_run(finished_run, tmp_path / how / "mnist")
+        target = run / "step_0000012" / "optimizer.safetensors"
+        data = target.read_bytes()
+        if how == "truncate":
+            target.write_bytes(data[: len(data) // 2])
+        elif how == "flip":
+            target.write_bytes(data[:-10] + bytes([data[-10] ^ 0x01]) + data[-9:])
+        else:
+            target.unlink()
+        with pytest.raises(ckpt.CheckpointError) as info:
+            ckpt.verify(run / "step_0000012")
+        assert "optimizer.safetensors" in str(info.value)
+        # --resume PATH refuses, naming the file and the failed check
+        direct = run_trainer(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / how),
+                              "--resume", str(run / "step_0000012")])  # fmt: skip
+        assert direct.returncode == 2 and "optimizer.safetensors" in direct.stderr
+        assert {"truncate": "truncated", "flip": "sha256", "delete": "missing"}[how] in direct.stderr
+        assert "Traceback" not in direct.stderr
+        # --resume latest warns and uses step 8, which is complete
+        assert ckpt.find_latest(run) == run / "step_0000008"
+        latest = run_trainer(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / how),
+                              "--resume", "latest", "--progress", "plain"])  # fmt: skip
+        assert latest.returncode == 0, latest.stderr
+        assert "skipping broken checkpoint" in latest.stderr and "step_0000008" in latest.stdout
+
+
+def test_incompatible_format_version_is_named(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "mnist")
+    manifest_path = run / "step_0000012" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 99
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="format version 99"):
+        ckpt.verify(run / "step_0000012")
+
+
+def test_checkpoint_of_another_dataset_is_refused(finished_run, tmp_path, tiny_data):
+    from conftest import write_dataset
+
+    write_dataset(tmp_path / "data", folder="KMNIST")
+    result = run_trainer(["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path), "--run-name", "k",
+                          "--dataset", "kmnist", "--resume", str(finished_run / "step_0000012")])  # fmt: skip
+    assert result.returncode == 2 and "dataset='mnist'" in result.stderr and "kmnist" in result.stderr
+
+
+class _Boom:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_unpickles(finished_run, tmp_path, tiny_data):
+    run = copy_run(finished_run, tmp_path / "mnist")
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Boom(str(marker)))
+    for folder in run.glob("step_*"):
+        for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "pytorch_model.bin", "model.pt"):
+            (folder / name).write_bytes(payload)
+    with pytest.raises(Exception):  # the payload is live: unpickling it would create the marker
+        pickle.loads(payload)
+    marker.unlink()
+    result = run_trainer(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--resume", "latest",
+                          "--epochs", "3"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+
+
+def test_failed_save_leaves_no_partial_folder_and_keeps_the_previous(tiny_data, tmp_path, monkeypatch):
+    """A save that dies half-way (a full disk) keeps every earlier checkpoint loadable."""
+    from trainer import TrainConfig, Trainer, engine
+
+    config = TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), batch_size=64, eval_batch_size=128,
+                         epochs=3, limit_train_batches=3, cpu=True, progress="plain")  # fmt: skip
+    trainer = Trainer(config)
+    calls = {"n": 0}
+    real_save = ckpt.save
+
+    def failing_save(run_dir, step, contents, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second epoch's save runs out of disk after writing some files
+
+            def full_disk():
+                raise OSError(28, "No space left on device")
+
+            return real_save(run_dir, step, contents, before_commit=full_disk)
+        return real_save(run_dir, step, contents)
+
+    monkeypatch.setattr(engine.ckpt, "save", failing_save)
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device"):
+        trainer.fit()
+    run = tmp_path / "mnist"
+    assert [p.name for p in run.iterdir() if p.name.startswith(".tmp")] == []
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000003"]
+    ckpt.load(run / "step_0000003")
+    cli = run_trainer(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--resume", "latest"])
+    assert cli.returncode == 0, cli.stderr
+
+
+def test_save_error_is_one_line_exit_2(tiny_data, tmp_path):
+    """An output folder that cannot be written (a file stands where the run folder should be)."""
+    (tmp_path / "mnist").write_text("not a folder")
+    result = run_trainer(tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "2"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (tmp_path / "mnist").read_text() == "not a folder"
+
+
+def start_training(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
+    """12 kill -9s, many during saves (one every step); each time `--resume latest` carries on,
+    and the run that finally completes equals one that was never interrupted."""
+    rng = random.Random(0)
+    base = tiny_args(tiny_data, tmp_path, "--epochs", "3", "--save-every", "1", "--keep-last", "2")
+    run = tmp_path / "mnist"
+    kills = 0
+    proc = start_training(base)
+    while kills < 12:
+        seen = {p.name for p in ckpt.list_checkpoints(run)}
+        try:
+            wait_for(lambda: proc.poll() is not None or {p.name for p in ckpt.list_checkpoints(run)} - seen, 60)
+        except TimeoutError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(rng.uniform(0, 0.15))
+        proc.kill()
+        proc.wait()
+        kills += 1
+        for folder in ckpt.list_checkpoints(run):  # whatever is named like a checkpoint is complete
+            ckpt.verify(folder)
+        assert ckpt.find_latest(run) is not None
+        proc = start_training([*base, "--resume", "latest"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert kills >= 10
+    reference = run_trainer(tiny_args(tiny_data, tmp_path / "ref", "--epochs", "3"))
+    assert reference.returncode == 0
+    final = load_file(ckpt.find_latest(run) / "model.safetensors")
+    expected = load_file(ckpt.find_latest(tmp_path / "ref" / "mnist") / "model.safetensors")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_prints_resume_command_and_exits_128_plus_signum(tiny_data, tmp_path, sig):
+    args = tiny_args(tiny_data, tmp_path, "--epochs", "30")
+    proc = start_training(args)
+    run = tmp_path / "mnist"
+    wait_for(lambda: (run / "metrics.jsonl").exists())  # training is under way
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert "resume with: python -m trainer" in out and "--resume latest" in out
+    latest = ckpt.find_latest(run)
+    stopped_at = json.loads((latest / "state.json").read_text())["step"]
+    assert stopped_at >= 24
+    result = run_trainer([*args, "--resume", "latest"], timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {latest}" in result.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_parent_saves_and_leaves_no_orphan(tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs/cpu.yaml"),
+           "-m", "trainer", *tiny_args(tiny_data, tmp_path, "--epochs", "30")]  # fmt: skip
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "mnist"
+    wait_for(lambda: (run / "metrics.jsonl").exists())
+    children = [int(p) for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    assert children, "the launcher runs the trainer in a child process"
+    before = {p.name for p in ckpt.list_checkpoints(run)}
+    os.kill(launcher.pid, signal.SIGTERM)  # the launcher only: what `kill PID` or a scheduler does
+    launcher.communicate(timeout=60)
+
+    def trainer_gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() and b"trainer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                       for pid in children)  # fmt: skip
+
+    wait_for(trainer_gone, 60)
+    after = {p.name for p in ckpt.list_checkpoints(run)}
+    assert after - before, "the trainer saved a checkpoint before exiting"
+    ckpt.verify(ckpt.find_latest(run))

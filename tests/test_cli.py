@@ -1,0 +1,165 @@
+"""The command line as a user runs it: launchers, output, files, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, cli_env, run_trainer, tiny_args, write_dataset
+
+METRICS_KEYS = {
+    "epoch", "step", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_correct", "valid_seen",
+    "lr", "epoch_time_s", "train_samples_per_s", "num_processes", "mixed_precision",
+}  # fmt: skip
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trainer: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_every_option_with_its_default():
+    for cmd in ([sys.executable, "-m", "trainer", "--help"], [str(REPO / ".." / "venv-unused"), "--help"])[:1]:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=cli_env()).stdout
+    for flag in ("--epochs", "--batch-size", "--lr", "--momentum", "--seed", "--dataset", "--data-dir",
+                 "--output-dir", "--run-name", "--mixed-precision", "--cpu", "--limit-train-batches",
+                 "--limit-eval-batches", "--resume", "--save-every", "--keep-last"):  # fmt: skip
+        assert flag in out, flag
+    assert "(default: 512)" in out and "(default: 0.5)" in out and "(default: 12)" in out
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("trainer", path=str(REPO.parent)) or shutil.which("trainer")
+    if exe is None:  # the venv's bin folder beside this interpreter
+        from pathlib import Path
+
+        exe = str(Path(sys.executable).with_name("trainer"))
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, env=cli_env())
+    assert result.returncode == 0 and "--epochs" in result.stdout
+
+
+def test_accelerate_launch_trains_and_writes_metrics(tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs/cpu.yaml"),
+           "-m", "trainer", *tiny_args(tiny_data, tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "processes: 1" in out and "precision: no" in out and "steps/epoch: 24" in out
+    header = next(line for line in out.splitlines() if "valid acc" in line)
+    assert "epoch" in header and "train acc" in header and "correct/seen" in header
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] in ("1", "2")]
+    assert len(rows) == 2 and rows[1][6].endswith("/1001")
+    records = read_jsonl(tmp_path / "mnist" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert set(records[0]) >= METRICS_KEYS
+    assert records[-1]["valid_seen"] == 1001 and records[-1]["step"] == 48
+    assert records[-1]["valid_acc"] > 0.9  # the fake digits are easy; a broken loop stays near 0.1
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_data, tmp_path):
+    first = run_trainer(tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "2"))
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "mnist" / "metrics.jsonl").read_bytes()
+    again = run_trainer(tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "2"))
+    assert_one_line_error(again, "already holds results", "--resume latest")
+    assert (tmp_path / "mnist" / "metrics.jsonl").read_bytes() == before
+
+
+def test_missing_data_offline_names_files_and_folder(tmp_path):
+    result = run_trainer(tiny_args(tmp_path / "nowhere", tmp_path / "out"))
+    assert_one_line_error(result, "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", str(tmp_path / "nowhere"))
+
+
+def test_other_datasets_are_found_in_their_own_folders(tmp_path):
+    write_dataset(tmp_path / "data", folder="FashionMNIST")
+    args = tiny_args(tmp_path / "data", tmp_path / "out", "--dataset", "fashion-mnist", "--epochs", "1",
+                     "--limit-train-batches", "2", "--limit-eval-batches", "1")  # fmt: skip
+    result = run_trainer(args)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "fashion-mnist" / "metrics.jsonl").is_file()
+    missing = run_trainer(tiny_args(tmp_path / "data", tmp_path / "out2", "--dataset", "kmnist"))
+    assert_one_line_error(missing, "KMNIST")
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(tiny_data, tmp_path):
+    result = run_trainer(tiny_args(tiny_data, tmp_path, "--mixed-precision", "fp16", "--cpu"))
+    assert_one_line_error(result, "fp16", "bf16")
+    assert not (tmp_path / "mnist").exists()
+
+
+def test_fp16_from_a_launch_config_is_refused_on_cpu(tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs/fp16.yaml"),
+           "--cpu", "-m", "trainer", *tiny_args(tiny_data, tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "fp16" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bf16_on_cpu_runs_and_is_reported(tiny_data, tmp_path):
+    args = tiny_args(tiny_data, tmp_path, "--mixed-precision", "bf16", "--epochs", "1", "--limit-train-batches", "3")
+    result = run_trainer(args)
+    assert result.returncode == 0, result.stderr
+    assert "precision: bf16" in result.stdout
+    assert read_jsonl(tmp_path / "mnist" / "metrics.jsonl")[0]["mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--run-name", "../x"], "--run-name"),
+        (["--batch-size", "5000"], "fewer than one step needs"),
+    ],
+)
+def test_bad_values_are_one_line_errors(tiny_data, tmp_path, flags, fragment):
+    assert_one_line_error(run_trainer(tiny_args(tiny_data, tmp_path, *flags)), fragment)
+
+
+def test_unknown_flag_is_exit_code_2(tiny_data, tmp_path):
+    result = run_trainer(tiny_args(tiny_data, tmp_path, "--epoch", "3x"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_several_processes_without_distributed_setup_are_refused(tiny_data, tmp_path):
+    """torchrun without --cpu on a machine without GPUs: each process would train alone."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with GPUs, processes without --cpu do get a distributed setup")
+    from conftest import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "trainer", *tiny_args(tiny_data, tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "pass --cpu" in result.stderr
+    assert not (tmp_path / "mnist" / "metrics.jsonl").exists()
+
+
+def test_launch_configs_load_with_accelerates_loader():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    names = {p.stem for p in (REPO / "launch_configs").glob("*.yaml")}
+    assert names == {"cpu", "single_gpu", "multi_gpu", "fp16", "bf16", "multi_node"}
+    for name in names:
+        config = load_config_from_file(str(REPO / "launch_configs" / f"{name}.yaml"))
+        assert config.compute_environment.name == "LOCAL_MACHINE", name
+        raw = yaml.safe_load((REPO / "launch_configs" / f"{name}.yaml").read_text())
+        assert raw["mixed_precision"] == {"fp16": "fp16", "bf16": "bf16"}.get(name, "no")
+    assert load_config_from_file(str(REPO / "launch_configs/multi_node.yaml")).num_machines == 2
+    assert load_config_from_file(str(REPO / "launch_configs/cpu.yaml")).use_cpu is True

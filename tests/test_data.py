@@ -1,0 +1,104 @@
+"""Data: IDX decoding, whole-batch fetches, an order that does not depend on the process count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler
+
+from trainer.data import (
+    DataError,
+    EpochSampler,
+    TensorImages,
+    load_split,
+    make_loader,
+    to_model_input,
+)
+
+
+def test_idx_files_decode_to_uint8_tensors(tiny_data):
+    split = load_split("mnist", tiny_data, train=False)
+    assert split.images.dtype == torch.uint8 and split.images.shape == (1001, 28, 28)
+    assert split.labels.dtype == torch.int64 and int(split.labels.max()) <= 9
+
+
+def test_truncated_idx_file_is_a_data_error(tiny_data, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_data / "MNIST", tmp_path / "MNIST")
+    path = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="t10k|IDX|MNIST"):
+        load_split("mnist", tmp_path, train=False)
+
+
+def test_batches_are_fetched_whole_not_per_image(tiny_data, monkeypatch):
+    split = load_split("mnist", tiny_data, train=True)
+    calls = {"item": 0}
+    original = TensorImages.__getitem__
+
+    def counting(self, index):
+        calls["item"] += 1
+        return original(self, index)
+
+    monkeypatch.setattr(TensorImages, "__getitem__", counting)
+    loader = make_loader(split, 64, train=True, seed=0, device=torch.device("cpu"))
+    batches = list(loader)
+    assert calls["item"] == 0
+    assert len(batches) == 1536 // 64 and batches[0][0].shape == (64, 28, 28)
+    assert batches[0][0].dtype == torch.uint8  # scaling happens on the device, later
+
+
+def test_model_input_is_scaled_like_totensor():
+    images = torch.tensor([[[0, 128, 255]]], dtype=torch.uint8)
+    x = to_model_input(images)
+    assert x.shape == (1, 1, 1, 3)
+    assert torch.equal(x.flatten(), torch.tensor([0, 128, 255]) / 255)
+    assert to_model_input(torch.zeros(2, 28, 28, dtype=torch.uint8), channels_last=True).is_contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+def shard_indices(sampler: EpochSampler, batch: int, world: int) -> list[list[int]]:
+    """What each of `world` processes draws, via accelerate's own batch sharding."""
+    per_rank = []
+    for rank in range(world):
+        shard = BatchSamplerShard(BatchSampler(sampler, batch, drop_last=True), world, rank)
+        per_rank.append([i for b in shard for i in b])
+    return per_rank
+
+
+def interleave(per_rank: list[list[int]], batch: int) -> list[int]:
+    """Global order: step by step, process by process."""
+    steps = len(per_rank[0]) // batch
+    return [i for s in range(steps) for r in per_rank for i in r[s * batch : (s + 1) * batch]]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3), (4, 2)])
+def test_interrupted_epoch_sees_each_sample_at_most_once_across_world_sizes(before, after):
+    n, batch, steps_done = 1000, 16, 5
+    sampler = EpochSampler(n, seed=12)
+    sampler.set_position(epoch=3)
+    full = interleave(shard_indices(sampler, batch, 1), batch)
+    assert full == sampler_order(n, 3)[: len(full)]  # one process walks the permutation in order
+    sampler.set_position(3)
+    first = interleave(shard_indices(sampler, batch, before), batch)[: steps_done * before * batch]
+    sampler.set_position(3, start=len(first))
+    rest = interleave(shard_indices(sampler, batch, after), batch)
+    seen = first + rest
+    assert len(seen) == len(set(seen))  # nothing twice
+    assert seen == sampler_order(n, 3)[: len(seen)]  # nothing skipped: a prefix of the epoch's order
+    assert n - len(seen) < after * batch + batch  # only the incomplete last step is left out
+
+
+def sampler_order(n: int, epoch: int) -> list[int]:
+    s = EpochSampler(n, seed=12)
+    s.set_position(epoch)
+    return list(s)
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    assert sampler_order(100, 1) == sampler_order(100, 1)
+    assert sampler_order(100, 1) != sampler_order(100, 2)
+    assert sorted(sampler_order(100, 1)) == list(range(100))

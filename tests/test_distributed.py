@@ -1,0 +1,99 @@
+"""Exact metrics and an exact LR schedule on 1 and 2 processes (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import REPO, cli_env, free_port, run_trainer, tiny_args
+
+MAX_LR = 0.5
+
+
+def read_lrs(run) -> list[float]:
+    curves = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
+    return [lr for c in curves for lr in c["lr"]]
+
+
+def assert_one_cycle(lrs: list[float]) -> None:
+    """First step at max_lr/25, the peak at 30% of the steps, the last step at OneCycle's final LR."""
+    steps = len(lrs)
+    assert lrs[0] == pytest.approx(MAX_LR / 25, rel=1e-9)
+    peak = max(range(steps), key=lrs.__getitem__)
+    assert abs(peak - 0.3 * steps) <= 1.5, (peak, steps)
+    assert lrs[peak] == pytest.approx(MAX_LR, rel=2e-3)
+    assert lrs[-1] == pytest.approx(MAX_LR / 25 / 1e4, rel=1e-9)
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # annealing never stalls
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("limit", [None, 7])
+def test_lr_schedule_ends_exactly_at_the_last_step(tiny_data, tmp_path, nproc, limit):
+    extra = ["--epochs", "3"] + (["--limit-train-batches", str(limit)] if limit else [])
+    result = run_trainer(tiny_args(tiny_data, tmp_path, *extra), nproc=nproc)
+    assert result.returncode == 0, result.stderr
+    lrs = read_lrs(tmp_path / "mnist")
+    steps_per_epoch = limit or 1536 // 64 // nproc
+    assert len(lrs) == 3 * steps_per_epoch
+    assert_one_cycle(lrs)
+    rows = [json.loads(line) for line in (tmp_path / "mnist" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == len(lrs) and rows[-1]["num_processes"] == nproc
+
+
+def run_probe(tiny_data, tmp_path, nproc: int, weights=None) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "tests/helpers/dist_probe.py"),
+           "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / f"probe{nproc}")]  # fmt: skip
+    if weights:
+        cmd += ["--weights", str(weights)]
+    import subprocess
+
+    result = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained_weights(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("weights")
+    result = run_trainer(tiny_args(tiny_data, out, "--epochs", "1", "--limit-train-batches", "5"))
+    assert result.returncode == 0, result.stderr
+    return next((out / "mnist").glob("step_*")) / "model.safetensors"
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_test_image_exactly_once(tiny_data, tmp_path, trained_weights):
+    one = run_probe(tiny_data, tmp_path, 1, trained_weights)
+    two = run_probe(tiny_data, tmp_path, 2, trained_weights)
+    assert two["num_processes"] == 2
+    assert one["exact"]["seen"] == two["exact"]["seen"] == 1001
+    assert one["exact"]["correct"] == two["exact"]["correct"]
+    assert 0.1 < one["exact"]["correct"] / 1001 < 1.0  # trained weights: a count that can differ
+    assert two["exact"]["loss"] == pytest.approx(one["exact"]["loss"], rel=1e-6)
+    # Negative control: counting per process and gathering the counts over-counts the padding.
+    assert one["naive"]["seen"] == 1001
+    assert two["naive"]["seen"] > 1001
+
+
+@pytest.mark.slow
+def test_naively_sized_schedule_ends_early_on_two_processes(tiny_data, tmp_path):
+    """The trap the trainer avoids: a OneCycle sized from the per-process loader, stepped by
+    accelerate, reaches its final LR halfway and then sits there without an error."""
+    two = run_probe(tiny_data, tmp_path, 2)
+    lrs = two["naive_lrs"]
+    halfway = len(lrs) // 2
+    assert lrs[halfway + 1] == lrs[-1]  # already at its end: the second half trains at min LR
+    with pytest.raises(AssertionError):
+        assert_one_cycle(lrs)
+
+
+@pytest.mark.slow
+def test_two_process_run_reports_exact_counts_through_the_cli(tiny_data, tmp_path):
+    result = run_trainer(tiny_args(tiny_data, tmp_path, "--eval-batch-size", "96"), nproc=2)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "mnist" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["valid_seen"] for r in rows] == [1001, 1001]
+    assert all(r["train_samples"] == 1536 for r in rows)  # 12 steps x 2 processes x 64
+    assert result.stdout.count("processes: 2") == 1  # only the main process prints
+    assert "/1001" in result.stdout

@@ -1,0 +1,162 @@
+"""Resumed runs are the same run: bitwise on the CPU, for 1 and 2 processes; elastic across world sizes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_trainer, tiny_args
+from safetensors.torch import load_file
+
+DETERMINISTIC_KEYS = ("epoch", "step", "train_loss", "train_acc", "train_samples", "valid_loss", "valid_acc",
+                      "valid_correct", "valid_seen", "lr")  # fmt: skip
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    last = sorted(run.glob("step_*"))[-1]
+    return load_file(last / "model.safetensors")
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in DETERMINISTIC_KEYS} for r in rows]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+    assert metrics(a) == metrics(b)
+    curves = [json.loads(line) for line in (a / "curves.jsonl").read_text().splitlines()]
+    assert curves == [json.loads(line) for line in (b / "curves.jsonl").read_text().splitlines()]
+
+
+def branch(src_run: Path, step: int, out: Path, name: str) -> list[str]:
+    """Flags that resume `src_run`'s checkpoint at `step` into a new run folder `name`."""
+    return ["--resume", str(src_run / f"step_{step:07d}"), "--output-dir", str(out), "--run-name", name]
+
+
+@pytest.fixture(scope="module")
+def unbroken_1proc(tiny_data, tmp_path_factory):
+    """3 epochs of 24 steps, with a checkpoint every 10 steps (mid-epoch) and every epoch, all kept."""
+    out = tmp_path_factory.mktemp("unbroken1")
+    result = run_trainer(tiny_args(tiny_data, out, "--epochs", "3", "--save-every", "10", "--keep-last", "100"))
+    assert result.returncode == 0, result.stderr
+    return out / "mnist"
+
+
+def test_periodic_saves_do_not_change_the_run(tiny_data, tmp_path, unbroken_1proc):
+    result = run_trainer(tiny_args(tiny_data, tmp_path, "--epochs", "3"))
+    assert result.returncode == 0, result.stderr
+    assert_same_run(unbroken_1proc, tmp_path / "mnist")
+
+
+@pytest.mark.parametrize("step", [24, 30], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_is_bitwise_equal_1proc(tiny_data, tmp_path, unbroken_1proc, step):
+    # Only --resume and where to write: every other setting comes from the checkpoint.
+    result = run_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
+                          *branch(unbroken_1proc, step, tmp_path, "resumed")])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {unbroken_1proc / f'step_{step:07d}'}" in result.stdout
+    assert_same_run(unbroken_1proc, tmp_path / "resumed")
+
+
+def test_negative_control_without_data_position_restore(tiny_data, tmp_path, unbroken_1proc):
+    """A trainer that forgets where it was in the epoch produces a different run: the test can fail."""
+    probe = tmp_path / "forgetful.py"
+    probe.write_text(
+        "import sys, trainer.engine as e\n"
+        "orig = e.Trainer._resume\n"
+        "def forgetful(self, folder):\n"
+        "    orig(self, folder)\n"
+        "    self.samples_in_epoch, self._stats_filled = 0, 0\n"
+        "e.Trainer._resume = forgetful\n"
+        "from trainer.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+
+    args = ["--data-dir", str(tiny_data), "--progress", "plain", *branch(unbroken_1proc, 30, tmp_path, "forgetful")]
+    result = subprocess.run(
+        [sys.executable, str(probe), *args], cwd=REPO, env=cli_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    a, b = final_weights(unbroken_1proc), final_weights(tmp_path / "forgetful")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def unbroken_2proc(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unbroken2")
+    result = run_trainer(tiny_args(tiny_data, out, "--epochs", "3", "--save-every", "5", "--keep-last", "100"), nproc=2)
+    assert result.returncode == 0, result.stderr
+    return out / "mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [12, 15], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_is_bitwise_equal_2proc(tiny_data, tmp_path, unbroken_2proc, step):
+    result = run_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
+                          *branch(unbroken_2proc, step, tmp_path, "resumed")], nproc=2)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert_same_run(unbroken_2proc, tmp_path / "resumed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("src_nproc, dst_nproc, step", [(2, 1, 15), (1, 2, 30)], ids=["2-to-1", "1-to-2"])
+def test_elastic_resume_continues_data_and_schedule(
+    tiny_data, tmp_path, unbroken_1proc, unbroken_2proc, src_nproc, dst_nproc, step
+):
+    src = unbroken_2proc if src_nproc == 2 else unbroken_1proc
+    result = run_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
+                          *branch(src, step, tmp_path, "elastic")], nproc=dst_nproc)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"resuming a {src_nproc}-process checkpoint on {dst_nproc} processes" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "elastic" / "metrics.jsonl").read_text().splitlines()]
+    curves = [json.loads(line) for line in (tmp_path / "elastic" / "curves.jsonl").read_text().splitlines()]
+    interrupted = rows[1]  # both resume points lie in the second epoch
+    # Every sample of the interrupted epoch counted once: the part before (src world size) plus the
+    # rest (dst world size), each in whole steps of 64 per process.
+    before = (step - (rows[0]["step"])) * 64 * src_nproc
+    after = (1536 - before) // (64 * dst_nproc) * 64 * dst_nproc
+    assert interrupted["train_samples"] == before + after
+    lrs = [lr for c in curves for lr in c["lr"]]
+    assert len(lrs) == rows[-1]["step"]
+    # The LR resumes where it was (no jump back to the start, no jump to the end) and still
+    # ends exactly at OneCycle's final value on the last step.
+    resumed_at = step
+    src_lrs = [lr for c in (json.loads(x) for x in (src / "curves.jsonl").read_text().splitlines()) for lr in c["lr"]]
+    assert lrs[:resumed_at] == src_lrs[:resumed_at]
+    assert abs(lrs[resumed_at] - src_lrs[resumed_at]) / src_lrs[resumed_at] < 0.05
+    assert lrs[-1] == pytest.approx(0.5 / 25 / 1e4, rel=1e-9)
+    assert rows[-1]["valid_seen"] == 1001
+
+
+def test_resume_without_checkpoint_says_where_it_looked(tiny_data, tmp_path):
+    result = run_trainer(tiny_args(tiny_data, tmp_path, "--resume", "latest"))
+    assert result.returncode == 2
+    assert str(tmp_path / "mnist") in result.stderr and "no complete checkpoint" in result.stderr
+
+
+def test_resume_refuses_a_different_recipe(tiny_data, tmp_path, unbroken_1proc):
+    args = ["--data-dir", str(tiny_data), *branch(unbroken_1proc, 30, tmp_path, "x"), "--lr", "0.1"]
+    result = run_trainer(args)
+    assert result.returncode == 2
+    assert "lr=0.5" in result.stderr and "lr=0.1" in result.stderr
+
+
+def test_resume_older_checkpoint_in_place_is_refused(tiny_data, tmp_path, unbroken_1proc):
+    run = tmp_path / "mnist"
+    shutil.copytree(unbroken_1proc, run, symlinks=True)
+    result = run_trainer(
+        ["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--resume", str(run / "step_0000030")]
+    )
+    assert result.returncode == 2 and "--run-name" in result.stderr
+    assert sorted(p.name for p in run.glob("step_*")) == sorted(p.name for p in unbroken_1proc.glob("step_*"))

@@ -1,0 +1,251 @@
+"""Checkpoint folders on disk: written atomically, verified by a manifest, never unpickled.
+
+A checkpoint is a folder `step_<N:07d>/` inside a run folder. It is written under a hidden
+temporary name, every file and the folder are fsynced, `manifest.json` (sizes and sha256 of
+every other file) is written last, and only then is the folder renamed into place. A folder
+without a manifest that matches its files is not a checkpoint. Tensors live in safetensors
+files and everything else in JSON: loading never calls `torch.load` or `pickle`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MODEL_NAME = "model.safetensors"
+OPTIMIZER_NAME = "optimizer.safetensors"
+RNG_NAME = "rng.safetensors"
+PROGRESS_NAME = "progress.safetensors"
+STATE_NAME = "state.json"
+MANIFEST_NAME = "manifest.json"
+BEST_LINK = "best"
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used or written: reported as one line, exit code 2."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Replaces `path` with `obj` as JSON so that readers see the old or the new file, never half."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class CheckpointContents:
+    """What a checkpoint holds, as it is written and as it is read back."""
+
+    model: dict[str, torch.Tensor]
+    model_metadata: dict[str, str]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    progress: dict[str, torch.Tensor]
+    state: dict[str, Any]  # JSON: step, epoch, data position, scheduler, optimizer groups, config, history
+
+
+def save(
+    run_dir: Path, step: int, contents: CheckpointContents, *, before_commit: Callable[[], None] | None = None
+) -> Path:
+    """Writes a complete checkpoint for `step` and returns its folder; on failure nothing new remains.
+
+    `before_commit` runs after all files are durable and before the rename (tests use it to fail
+    a save half-way).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f"{TMP_PREFIX}{final.name}.{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(_contiguous(contents.model), tmp / MODEL_NAME, metadata=contents.model_metadata)
+        save_file(_contiguous(contents.optimizer), tmp / OPTIMIZER_NAME, metadata={"format": "pt"})
+        save_file(_contiguous(contents.rng), tmp / RNG_NAME, metadata={"format": "pt"})
+        save_file(_contiguous(contents.progress), tmp / PROGRESS_NAME, metadata={"format": "pt"})
+        with open(tmp / STATE_NAME, "w") as f:
+            json.dump(contents.state, f, indent=1)
+        files = {}
+        for name in (MODEL_NAME, OPTIMIZER_NAME, RNG_NAME, PROGRESS_NAME, STATE_NAME):
+            _fsync_file(tmp / name)
+            files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": contents.state["world_size"],
+            "files": files,
+        }
+        with open(tmp / MANIFEST_NAME, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if before_commit is not None:
+            before_commit()
+        if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Checks a checkpoint folder against its manifest; returns the manifest or raises CheckpointError."""
+    manifest_path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder")
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} is missing: the save never completed")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        version = manifest["format_version"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{manifest_path} is not a valid manifest") from None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} has checkpoint format version {version}; this trainer reads version {FORMAT_VERSION}"
+        )
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in the manifest)")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{path} has {size} bytes, the manifest says {expected['size']} (truncated?)")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} fails its sha256 check (corrupted)")
+    return manifest
+
+
+def load(folder: Path) -> CheckpointContents:
+    """Verifies and reads a checkpoint folder (safetensors and JSON only)."""
+    verify(folder)
+    try:
+        with safe_open(folder / MODEL_NAME, framework="pt") as st:
+            metadata = st.metadata() or {}
+        return CheckpointContents(
+            model=load_file(folder / MODEL_NAME),
+            model_metadata=metadata,
+            optimizer=load_file(folder / OPTIMIZER_NAME),
+            rng=load_file(folder / RNG_NAME),
+            progress=load_file(folder / PROGRESS_NAME),
+            state=json.loads((folder / STATE_NAME).read_text()),
+        )
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {folder}: {exc}") from None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Folders named like checkpoints, newest step first (not yet verified)."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_latest(run_dir: Path, warn: Callable[[str], None] = lambda _: None) -> Path | None:
+    """The newest checkpoint that passes verification; broken ones are reported through `warn`."""
+    for folder in list_checkpoints(run_dir):
+        try:
+            verify(folder)
+        except CheckpointError as exc:
+            warn(f"skipping broken checkpoint: {exc}")
+            continue
+        return folder
+    return None
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Deletes half-written folders left by a save that was killed."""
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def update_best(run_dir: Path, folder: Path) -> None:
+    """Points the `best` link at `folder` atomically."""
+    link = run_dir / BEST_LINK
+    tmp = run_dir / f"{TMP_PREFIX}{BEST_LINK}.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(folder.name, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(run_dir)
+
+
+def prune(run_dir: Path, keep_last: int) -> list[Path]:
+    """Deletes all but the newest `keep_last` complete checkpoints and the `best` one.
+
+    Only complete checkpoints count and are deleted, so at least one complete one always remains.
+    """
+    complete = []
+    for folder in list_checkpoints(run_dir):
+        try:
+            verify(folder)
+        except CheckpointError:
+            continue
+        complete.append(folder)
+    link = run_dir / BEST_LINK
+    best = (run_dir / os.readlink(link)).resolve() if link.is_symlink() else None
+    removed = []
+    for folder in complete[max(keep_last, 1) :]:
+        if best is not None and folder.resolve() == best:
+            continue
+        shutil.rmtree(folder)
+        removed.append(folder)
+    return removed

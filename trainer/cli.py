@@ -1,0 +1,147 @@
+"""Command line: argparse flags built from TrainConfig's fields -> TrainConfig -> Trainer(...).fit()."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, TrainConfig
+
+GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "data": "data and evaluation", "infra": "infrastructure"}
+
+
+def _flag_type(annotation: str) -> type:
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if annotation.startswith(name):
+            return kind
+    raise TypeError(annotation)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer",
+        description="Train the blog's ResNet-style CNN on MNIST with SGD + OneCycleLR, on 1 to N processes.",
+        epilog="Several processes: accelerate launch [--config_file launch_configs/NAME.yaml] -m trainer ...; "
+        "on a CPU-only machine: torchrun --nproc_per_node N -m trainer --cpu ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        group = groups[f.metadata["group"]]
+        if hints[f.name] is bool:
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            group.add_argument(flag, dest=f.name, action=action, default=f.default, help=f.metadata["help"])
+        else:
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type=_flag_type(str(f.type)),
+                default=f.default,
+                choices=f.metadata.get("choices"),
+                metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper(),
+                help=f.metadata["help"],
+            )
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Flags -> TrainConfig. With --resume, flags not given on the command line come from the checkpoint."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    explicit = _explicit_names(parser, argv)
+    if args["resume"] is not None:
+        saved = _checkpoint_config(args)
+        for name, value in saved.items():
+            if name not in explicit and name != "resume" and name in args:
+                args[name] = value
+    return TrainConfig(**args)
+
+
+def _explicit_names(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests the user actually typed (a second parse where every default is a sentinel)."""
+    sentinel = object()
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # argparse offers no public way to copy its actions
+        if action.option_strings and action.dest != "help":
+            kwargs: dict[str, Any] = {"dest": action.dest, "default": sentinel}
+            if isinstance(action, argparse.BooleanOptionalAction):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif isinstance(action, argparse._StoreTrueAction):
+                kwargs["action"] = "store_true"
+            probe.add_argument(*action.option_strings, **kwargs)
+    values = vars(probe.parse_known_args(argv)[0])
+    return {k for k, v in values.items() if v is not sentinel}
+
+
+def _checkpoint_config(args: dict[str, Any]) -> dict[str, Any]:
+    from trainer import checkpoint as ckpt
+
+    resume = args["resume"]
+    if resume == "latest":
+        run_dir = Path(args["output_dir"]) / (args["run_name"] or args["dataset"])
+        folder = ckpt.find_latest(run_dir)
+        if folder is None:
+            raise ckpt.CheckpointError(f"--resume latest: no complete checkpoint in {run_dir}")
+    else:
+        folder = Path(resume)
+        folder = folder.parent if folder.name == ckpt.MODEL_NAME else folder
+        if not folder.exists():
+            raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint folder")
+        ckpt.verify(folder)
+    try:
+        return json.loads((folder / ckpt.STATE_NAME).read_text())["config"]
+    except (KeyError, ValueError, OSError) as exc:
+        raise ckpt.CheckpointError(f"{folder / ckpt.STATE_NAME}: unreadable run configuration ({exc})") from None
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fail(message: str, code: int = 2) -> int:
+    """One line on stderr (from the main process only) and an exit code."""
+    if _is_main_process():
+        print(f"trainer: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def parse_config_or_exit(argv: list[str] | None) -> TrainConfig | None:
+    """Parses cheaply (no torch import) when it can; --help and bad flags exit here."""
+    if "--resume" in " ".join(argv if argv is not None else sys.argv[1:]):
+        build_parser().parse_args(argv)  # still lets argparse answer --help / reject bad flags first
+        return None
+    try:
+        return parse_config(argv)
+    except ConfigError as exc:
+        raise SystemExit(fail(str(exc))) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config_or_exit(argv)
+    from trainer.checkpoint import CheckpointError
+    from trainer.engine import Stopped, Trainer
+
+    try:
+        if config is None:
+            config = parse_config(argv)
+        Trainer(config).fit()
+    except (ConfigError, CheckpointError) as exc:
+        return fail(str(exc))
+    except Stopped as exc:
+        return 128 + int(exc.signum)
+    except KeyboardInterrupt:
+        return fail("interrupted; no checkpoint was written for the current step", 130)
+    return 0
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())

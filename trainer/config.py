@@ -1,0 +1,102 @@
+"""The one frozen description of a run: the recipe, the data, and the infrastructure around them."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+DATASETS = ("mnist", "fashion-mnist", "kmnist")
+PRECISIONS = ("no", "fp16", "bf16")
+MODEL_NAMES = ("blog_resnet",)  # trainer.model.MODELS, named here so the CLI needs no torch
+
+
+class ConfigError(ValueError):
+    """A user error in the run's configuration: reported as one line, exit code 2."""
+
+
+def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
+    """A dataclass field whose metadata also builds its command-line flag."""
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. The CLI builds its flags from these fields.
+
+    Fields in the "recipe" group decide the numbers a run produces; the others decide where
+    and how it runs. A resumed run must agree with its checkpoint on the recipe.
+    """
+
+    # --- the recipe (the blog's defaults) ---
+    epochs: int = _opt(10, "number of passes over the training split", "recipe")
+    batch_size: int = _opt(512, "training batch size per process", "recipe")
+    lr: float = _opt(0.5, "peak learning rate of the OneCycle schedule (SGD)", "recipe")
+    momentum: float = _opt(0.9, "SGD momentum (used as is only with --no-cycle-momentum)", "recipe")
+    cycle_momentum: bool = _opt(True, "let OneCycle cycle momentum 0.95 -> 0.85 -> 0.95 (the blog's)", "recipe")
+    seed: int = _opt(12, "seed for weights and the data order of every epoch", "recipe")
+    model: str = _opt("blog_resnet", "network architecture, by name", "recipe", choices=MODEL_NAMES)
+    dataset: str = _opt("mnist", "training data", "recipe", choices=DATASETS)
+    limit_train_batches: int | None = _opt(
+        None, "train on at most N optimizer steps per epoch (the LR schedule is sized to it)", "recipe"
+    )
+
+    # --- data and evaluation ---
+    data_dir: str = _opt("./data", "folder holding (or receiving) the torchvision data sets", "data")
+    eval_batch_size: int = _opt(1024, "evaluation batch size per process", "data")
+    limit_eval_batches: int | None = _opt(None, "evaluate on at most N batches per process", "data")
+
+    # --- infrastructure ---
+    output_dir: str = _opt("checkpoints", "root folder for run folders", "infra")
+    run_name: str | None = _opt(None, "run folder name under --output-dir (default: the dataset name)", "infra")
+    mixed_precision: str | None = _opt(
+        None, "no, fp16 or bf16 (default: the accelerate config's, else no)", "infra", choices=PRECISIONS
+    )
+    cpu: bool = _opt(False, "train on the CPU even when a GPU is present (gloo for several processes)", "infra")
+    channels_last: bool = _opt(True, "channels_last memory format for the convolutions", "infra")
+    resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from", "infra")
+    save_every: int | None = _opt(None, "also save a checkpoint every N optimizer steps", "infra")
+    keep_last: int = _opt(3, "checkpoints kept per run besides the best one (at least 1)", "infra")
+    progress: str = _opt(
+        "auto", "progress display: auto (bars on a terminal), bar or plain", "infra", choices=("auto", "bar", "plain")
+    )
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "eval_batch_size", "keep_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("limit_train_batches", "limit_eval_batches", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
+        if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
+            raise ConfigError(f"--run-name must be letters, digits, '.', '_' or '-', got {self.run_name!r}")
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+
+    @property
+    def name(self) -> str:
+        """The run folder's name."""
+        return self.run_name or self.dataset
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that decide the numbers, for comparing a run with its checkpoint."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["group"] == "recipe"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,737 @@
+"""class Trainer: set up, then train, evaluate and save, epoch after epoch.
+
+The loop reads top to bottom: fetch a batch, forward, backward, step the optimizer and the
+schedule, note the loss on the device, and only at the end of an epoch talk to the host and
+to the other processes (one gather), evaluate, log and save a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, TrainConfig
+from trainer.console import Reporter
+from trainer.data import DATASET_INFO, NORMALIZATION, load_split, make_loader, to_model_input
+from trainer.model import build_model
+
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.jsonl"
+# With several processes, a stop request is agreed on (one tiny all-reduce) every this many steps.
+STOP_CHECK_EVERY = 10
+# Recipe fields a checkpoint must agree on with the run that resumes it.
+RECIPE_CHECKED = (
+    "model",
+    "dataset",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "cycle_momentum",
+    "seed",
+    "limit_train_batches",
+)
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after saving a checkpoint; exit code 128 + signum."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@dataclass
+class EvalResult:
+    correct: int
+    seen: int
+    loss: float  # mean cross-entropy per image
+    confusion: Tensor  # [classes, classes] int64, rows = true class, columns = prediction
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.seen if self.seen else 0.0
+
+
+def make_accelerator(config: TrainConfig):
+    """The one Accelerator: devices, processes and precision come from it (and accelerate's config)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    kwargs: dict[str, Any] = {}
+    if config.mixed_precision is not None:
+        kwargs["mixed_precision"] = config.mixed_precision
+    device_is_cpu = config.cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if device_is_cpu or not (torch.cuda.is_available() or _mps_available()):
+        precision = kwargs.get("mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        if precision == "fp16":
+            raise ConfigError("fp16 mixed precision needs a GPU; on the CPU use --mixed-precision bf16 or no")
+    try:
+        return Accelerator(
+            cpu=config.cpu,
+            # Our sampler derives each epoch's order from (seed, epoch): no RNG needs syncing per epoch.
+            rng_types=[],
+            dataloader_config=DataLoaderConfiguration(even_batches=True),
+            **kwargs,
+        )
+    except ValueError as exc:  # accelerate's own refusal of a precision/device pair
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+class Trainer:
+    """Trains `config.model` on `config.dataset` with the OneCycle recipe.
+
+    Typical use: `Trainer(TrainConfig(epochs=10)).fit()`. Raises ConfigError / CheckpointError on
+    user errors, Stopped after a signal-triggered save.
+    """
+
+    def __init__(self, config: TrainConfig, accelerator=None) -> None:
+        self.config = config
+        self.accelerator = accelerator or make_accelerator(config)
+        self.report = Reporter(self.accelerator.is_main_process, config.progress)
+        self.run_dir = Path(config.output_dir) / config.name
+        self.num_processes = self.accelerator.num_processes
+        self._check_processes()
+        from accelerate.utils import set_seed
+
+        set_seed(config.seed)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
+            self.model, self.optimizer, self.train_loader, self.eval_loader
+        )
+        self._setup_schedule()
+        # Bookkeeping of where the run is: the next epoch (0-based) and the position inside it.
+        self.global_step = 0
+        self.epoch = 0
+        self.samples_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.curves: list[dict[str, Any]] = []
+        self._carry = torch.zeros(0, 2, dtype=torch.float64)  # an interrupted epoch's stats from another world size
+        self._stats_filled = 0
+        self._carry_curve: list[float] = []  # per-step mean loss of that part, for curves.jsonl
+        self._epoch_lrs: list[float] = []
+        self._epoch_time_before = 0.0
+        self._stop_signal: int | None = None
+        self._prepare_run_dir()
+
+    # ------------------------------------------------------------------ setup
+    def _check_processes(self) -> None:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.num_processes == 1:
+            raise ConfigError(
+                f"{launched} processes were launched but accelerate sees no distributed setup, so each would "
+                "train alone and write the same files; on a CPU-only machine pass --cpu (gloo)"
+            )
+
+    def _setup_data(self) -> None:
+        cfg, acc = self.config, self.accelerator
+        with acc.main_process_first():  # one process downloads; the others then read the files
+            train = load_split(cfg.dataset, cfg.data_dir, train=True)
+            test = load_split(cfg.dataset, cfg.data_dir, train=False)
+        self.class_names = DATASET_INFO[cfg.dataset][1]
+        self.train_size, self.test_size = len(train.labels), len(test.labels)
+        per_step = cfg.batch_size * self.num_processes
+        if self.train_size < per_step:
+            raise ConfigError(
+                f"the training split has {self.train_size} images, fewer than one step needs "
+                f"({cfg.batch_size} per process x {self.num_processes} processes)"
+            )
+        self.train_loader = make_loader(train, cfg.batch_size, train=True, seed=cfg.seed, device=acc.device)
+        self.eval_loader = make_loader(test, cfg.eval_batch_size, train=False, seed=cfg.seed, device=acc.device)
+        self.train_sampler = self.train_loader.sampler
+        self.eval_sampler = self.eval_loader.sampler
+
+    def _setup_model(self) -> None:
+        self.model = build_model(self.config.model, num_classes=len(self.class_names))
+        if self.config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.config
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+    def _steps_in(self, epoch: int, start: int) -> int:
+        """Optimizer steps left in `epoch` from sample `start` on; positions the sampler there."""
+        cfg = self.config
+        stop = None
+        if cfg.limit_train_batches is not None:
+            stop = min(self.train_size, cfg.limit_train_batches * self.num_processes * cfg.batch_size)
+        self.train_sampler.set_position(epoch, start, stop)
+        return len(self.train_loader)
+
+    def _setup_schedule(self) -> None:
+        """OneCycle over the run, in units of one per-process batch of data.
+
+        accelerate's prepared scheduler advances the wrapped one `num_processes` units per
+        optimizer step (each step consumes that many batches). Sizing the schedule in units makes
+        its position the amount of data seen, whatever the process count; sizing it as
+        `(steps - 1) * N + 1` units puts the last optimizer step exactly on OneCycle's final LR.
+        """
+        self.steps_per_epoch = self._steps_in(0, 0)
+        total_steps = self.steps_per_epoch * self.config.epochs
+        self.scheduler = self.accelerator.prepare(self._new_onecycle((total_steps - 1) * self.num_processes + 1))
+
+    def _new_onecycle(self, total_units: int) -> torch.optim.lr_scheduler.OneCycleLR:
+        raw = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        return torch.optim.lr_scheduler.OneCycleLR(
+            raw, max_lr=self.config.lr, total_steps=max(total_units, 2), cycle_momentum=self.config.cycle_momentum
+        )
+
+    def _prepare_run_dir(self) -> None:
+        cfg = self.config
+        if cfg.resume is None:
+            holds = [p.name for p in (self.run_dir / METRICS_NAME, *ckpt.list_checkpoints(self.run_dir)) if p.exists()]
+            if holds:
+                raise ConfigError(
+                    f"run folder {self.run_dir} already holds results ({', '.join(holds[:3])}); pass "
+                    "--resume latest to continue it, or choose another --run-name"
+                )
+        else:
+            self._resume(self._find_resume_point(cfg.resume))
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.run_dir)
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> list[dict[str, Any]]:
+        """Trains until `config.epochs` epochs are done; returns the per-epoch metrics records."""
+        self._announce()
+        with _StopSignals(self) as signals:
+            self._signals = signals
+            while self.epoch < self.config.epochs:
+                train = self.train_epoch()
+                if train is None:  # stopped mid-epoch; a checkpoint was written
+                    raise Stopped(self._stop_signal, self._last_saved)
+                valid = self.evaluate()
+                record = self._epoch_record(train, valid)
+                self.history.append(record)
+                self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+                self._write_epoch_logs(record, train["curve"])
+                self.report.epoch_row(record)
+                self._save(best_candidate=True)
+                if self._stop_signal is not None or self._stop_agreed(force=True):
+                    self._print_resume_hint()
+                    raise Stopped(self._stop_signal or signal.SIGTERM, self._last_saved)
+        return self.history
+
+    def train_epoch(self) -> dict[str, Any] | None:
+        """Trains from the current position to the end of the epoch; None if stopped by a signal."""
+        cfg, acc = self.config, self.accelerator
+        epoch, per_step = self.epoch, cfg.batch_size * self.num_processes
+        if self.samples_in_epoch == 0:
+            self._stats = torch.zeros(self.steps_per_epoch, 2, device=acc.device)  # per step: loss, correct
+            self._stats_filled, self._epoch_lrs, self._epoch_time_before = 0, [], 0.0
+        first = self._stats_filled
+        remaining = self._steps_in(epoch, self.samples_in_epoch)
+        self.model.train()
+        raw_opt = self.optimizer.optimizer
+        # Without a grad scaler or accumulation, accelerate's optimizer wrapper only adds per-step
+        # checks (an import lookup, an inspect.signature): step the wrapped optimizer directly.
+        fast = acc.scaler is None and acc.gradient_accumulation_steps == 1
+        probe = _LossProbe(acc.device)
+        show_every = max(1, remaining // 50)
+        self.report.start_epoch(epoch + 1, cfg.epochs, first + remaining, first)
+        t0 = time.perf_counter()
+        for i, (images, labels) in enumerate(self.train_loader, start=first):
+            logits = self.model(to_model_input(images, cfg.channels_last))
+            loss = F.cross_entropy(logits, labels)
+            acc.backward(loss)
+            self._epoch_lrs.append(raw_opt.param_groups[0]["lr"])  # the LR this step uses
+            if fast:
+                raw_opt.step()
+                raw_opt.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self._stats[i, 0] = loss.detach()
+            self._stats[i, 1] = (logits.detach().argmax(dim=1) == labels).sum()
+            self._stats_filled = i + 1
+            self.global_step += 1
+            self.samples_in_epoch += per_step
+            if (i + 1 - first) % show_every == 0:
+                self.report.advance(i + 1, per_step, self._epoch_lrs[-1], probe.read_then_copy(loss))
+            last = i + 1 == first + remaining
+            if not last and self._stop_agreed(step=i + 1):
+                self.report.end_epoch()
+                self._epoch_time_before += time.perf_counter() - t0
+                self._save(best_candidate=False)
+                self._print_resume_hint()
+                return None
+            if not last and cfg.save_every and self.global_step % cfg.save_every == 0:
+                self._epoch_time_before += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self._save(best_candidate=False)
+        self.report.end_epoch()
+        # The one sync of the epoch: every process's per-step loss and correct count.
+        stats = acc.gather(self._stats[: self._stats_filled].unsqueeze(0)).to("cpu", torch.float64)  # [N, steps, 2]
+        all_steps = torch.cat([self._carry, stats.reshape(-1, 2)])
+        self._carry = torch.zeros(0, 2, dtype=torch.float64)
+        self._carry_curve: list[float] = []
+        samples = all_steps.shape[0] * cfg.batch_size
+        elapsed = self._epoch_time_before + time.perf_counter() - t0
+        return {
+            "loss": all_steps[:, 0].sum().item() * cfg.batch_size / samples,
+            "acc": all_steps[:, 1].sum().item() / samples,
+            "samples": samples,
+            "time_s": elapsed,
+            "curve": {"loss": self._carry_curve + stats[:, :, 0].mean(dim=0).tolist(), "lr": list(self._epoch_lrs)},
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        """Exact counts over the test split: every image once, whatever the number of processes.
+
+        accelerate pads the last batches with repeated images so every process gets one; it drops
+        those repeats only from per-sample tensors, so we gather per-sample results, never counts.
+        """
+        cfg, acc = self.config, self.accelerator
+        stop = None
+        if cfg.limit_eval_batches is not None:
+            stop = min(self.test_size, cfg.limit_eval_batches * self.num_processes * cfg.eval_batch_size)
+        self.eval_sampler.set_position(0, 0, stop)
+        self.model.eval()
+        classes = len(self.class_names)
+        confusion = torch.zeros(classes * classes, dtype=torch.int64, device=acc.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for images, labels in self.eval_loader:
+            logits = self.model(to_model_input(images, cfg.channels_last)).float()
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            predicted = logits.argmax(dim=1)
+            losses, predicted, labels = acc.gather_for_metrics((losses, predicted, labels))
+            loss_sum += losses.double().sum()
+            confusion += torch.bincount(labels * classes + predicted, minlength=classes * classes)
+        confusion = confusion.view(classes, classes).cpu()
+        seen = int(confusion.sum())
+        return EvalResult(
+            correct=int(confusion.diagonal().sum()), seen=seen, loss=loss_sum.item() / max(seen, 1), confusion=confusion
+        )
+
+    # ------------------------------------------------------------------ stopping
+    def _stop_agreed(self, step: int = 0, force: bool = False) -> bool:
+        """True when some process was asked to stop; all processes answer the same at the same step."""
+        if self.num_processes == 1:
+            return self._stop_signal is not None
+        if not force and step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor(
+            [0 if self._stop_signal is None else int(self._stop_signal)], device=self.accelerator.device
+        )
+        agreed = int(self.accelerator.gather(flag).max().item())
+        if agreed and self._stop_signal is None:
+            self._stop_signal = agreed
+        return agreed > 0
+
+    def request_stop(self, signum: int) -> None:
+        """Asks the loop to save and stop after the current step (what the signal handlers call)."""
+        self._stop_signal = signum
+
+    def _print_resume_hint(self) -> None:
+        self.report.line(f"stopped by {signal.Signals(self._stop_signal).name}; checkpoint saved: {self._last_saved}")
+        self.report.line(f"resume with: {resume_command(self.config)}")
+
+    # ------------------------------------------------------------------ output
+    def _announce(self) -> None:
+        acc, cfg = self.accelerator, self.config
+        items = {
+            "run": str(self.run_dir),
+            "device": str(acc.device),
+            "processes": self.num_processes,
+            "precision": acc.mixed_precision,
+            "global batch": cfg.batch_size * self.num_processes,
+            "steps/epoch": self.steps_per_epoch,
+            "epochs": cfg.epochs,
+            "train/test images": f"{self.train_size}/{self.test_size}",
+        }
+        if self.global_step:
+            items["resumed at"] = f"step {self.global_step} (epoch {self.epoch + 1}, sample {self.samples_in_epoch})"
+        self.report.summary(items)
+        for record in self.history:  # a resumed run's table continues where it was
+            self.report.epoch_row(record)
+
+    def _epoch_record(self, train: dict[str, Any], valid: EvalResult) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch + 1,
+            "step": self.global_step,
+            "train_loss": train["loss"],
+            "train_acc": train["acc"],
+            "train_samples": train["samples"],
+            "valid_loss": valid.loss,
+            "valid_acc": valid.accuracy,
+            "valid_correct": valid.correct,
+            "valid_seen": valid.seen,
+            "lr": self.scheduler.get_last_lr()[0],
+            "epoch_time_s": train["time_s"],
+            "train_samples_per_s": train["samples"] / train["time_s"] if train["time_s"] > 0 else 0.0,
+            "num_processes": self.num_processes,
+            "mixed_precision": self.accelerator.mixed_precision,
+        }
+
+    def _write_epoch_logs(self, record: dict[str, Any], curve: dict[str, Any]) -> None:
+        self.curves.append({"epoch": record["epoch"], "last_step": record["step"], **curve})
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for name, obj in ((METRICS_NAME, record), (CURVES_NAME, self.curves[-1])):
+                with open(self.run_dir / name, "a") as f:
+                    f.write(json.dumps(obj) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+
+    def _rewrite_logs(self) -> None:
+        """After a resume: the logs are exactly the checkpoint's history (later lines belonged to a lost future)."""
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for name, rows in ((METRICS_NAME, self.history), (CURVES_NAME, self.curves)):
+                tmp = self.run_dir / f"{ckpt.TMP_PREFIX}{name}"
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                os.replace(tmp, self.run_dir / name)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, best_candidate: bool) -> None:
+        """Every process calls this: gathers what only it knows, the main process writes, all wait."""
+        acc = self.accelerator
+        rng = {k: acc.gather(v.to(acc.device).unsqueeze(0)).cpu() for k, v in _rng_state().items()}
+        progress = {}
+        if self.samples_in_epoch:  # mid-epoch: the interrupted epoch's per-step stats of every process
+            progress["epoch_stats"] = acc.gather(self._stats[: self._stats_filled].unsqueeze(0)).cpu()
+            progress["epoch_carry"] = self._carry
+        error = ""
+        if acc.is_main_process:
+            try:
+                folder = ckpt.save(self.run_dir, self.global_step, self._checkpoint_contents(rng, progress))
+                self._after_save(folder, best_candidate)
+            except OSError as exc:
+                error = f"could not save checkpoint step {self.global_step} in {self.run_dir}: {exc}; earlier checkpoints are intact"
+        status = torch.tensor([1 if error else 0], device=acc.device)
+        if int(acc.reduce(status, reduction="sum").item()):
+            raise ckpt.CheckpointError(error or "the main process could not save a checkpoint")
+        self._last_saved = self.run_dir / ckpt.step_dir_name(self.global_step)
+
+    def _after_save(self, folder: Path, best_candidate: bool) -> None:
+        if best_candidate:
+            best = max(self.history, key=lambda r: r["valid_acc"])
+            if best is self.history[-1]:
+                ckpt.update_best(self.run_dir, folder)
+        ckpt.prune(self.run_dir, self.config.keep_last)
+
+    def _checkpoint_contents(self, rng: dict[str, Tensor], progress: dict[str, Tensor]) -> ckpt.CheckpointContents:
+        from trainer import __version__
+
+        acc, cfg = self.accelerator, self.config
+        raw_opt = self.optimizer.optimizer
+        model_state = acc.unwrap_model(self.model).state_dict()
+        opt_state = raw_opt.state_dict()
+        optimizer_tensors = {
+            f"state.{pid}.{name}": value
+            for pid, entry in opt_state["state"].items()
+            for name, value in entry.items()
+            if isinstance(value, Tensor)
+        }
+        last = self.history[-1] if self.history else {}
+        metadata = {
+            "format": "pt",
+            "trainer_version": __version__,
+            "architecture": cfg.model,
+            "dataset": cfg.dataset,
+            "num_classes": str(len(self.class_names)),
+            "class_names": json.dumps(self.class_names),
+            "normalization": json.dumps(NORMALIZATION),
+            "input_shape": json.dumps([1, 28, 28]),
+            "epoch": str(self.epoch),
+            "step": str(self.global_step),
+            "valid_acc": "" if not last else repr(last["valid_acc"]),
+        }
+        state = {
+            "format_version": ckpt.FORMAT_VERSION,
+            "trainer_version": __version__,
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "samples_in_epoch": self.samples_in_epoch,
+            "world_size": self.num_processes,
+            "data_order": {"seed": cfg.seed, "rule": "randperm(n, seed * 1000003 + epoch)"},
+            "config": cfg.to_dict(),
+            "scheduler": _jsonable(self.scheduler.scheduler.state_dict()),
+            "optimizer_param_groups": opt_state["param_groups"],
+            "optimizer_other_state": {
+                str(pid): {k: v for k, v in entry.items() if not isinstance(v, Tensor)}
+                for pid, entry in opt_state["state"].items()
+            },
+            "epoch_lrs": self._epoch_lrs if self.samples_in_epoch else [],
+            "epoch_loss_curve": (
+                self._carry_curve + progress["epoch_stats"][:, :, 0].mean(dim=0).tolist()
+                if self.samples_in_epoch
+                else []
+            ),
+            "epoch_time_before_s": self._epoch_time_before if self.samples_in_epoch else 0.0,
+            "history": self.history,
+            "curves": self.curves,
+            "mixed_precision": acc.mixed_precision,
+        }
+        return ckpt.CheckpointContents(model_state, metadata, optimizer_tensors, rng, progress, state)
+
+    def _find_resume_point(self, resume: str) -> Path:
+        warn = self.report.warn
+        if resume == "latest":
+            folder = ckpt.find_latest(self.run_dir, warn=warn)
+            if folder is None:
+                raise ckpt.CheckpointError(f"--resume latest: no complete checkpoint in {self.run_dir}")
+            return folder
+        folder = Path(resume)
+        if folder.name == ckpt.MODEL_NAME:
+            folder = folder.parent
+        if folder.is_symlink() or folder.is_dir():
+            folder = folder.resolve()
+        if not folder.exists():
+            raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint folder")
+        ckpt.verify(folder)
+        newer = [p.name for p in ckpt.list_checkpoints(self.run_dir) if _step_of(p) > _step_of(folder)]
+        if newer and folder.parent.resolve() == self.run_dir.resolve():
+            raise ConfigError(
+                f"{self.run_dir} has checkpoints newer than {folder.name} ({', '.join(newer[:3])}); resuming "
+                "the older one here would overwrite them: pass a new --run-name to branch from it"
+            )
+        return folder
+
+    def _resume(self, folder: Path) -> None:
+        acc, cfg = self.accelerator, self.config
+        contents = ckpt.load(folder)
+        state = contents.state
+        saved = TrainConfig.from_dict(state["config"])
+        for name in RECIPE_CHECKED:
+            if getattr(saved, name) != getattr(cfg, name):
+                raise ConfigError(
+                    f"checkpoint {folder} was trained with {name}={getattr(saved, name)!r}, this run has "
+                    f"{name}={getattr(cfg, name)!r}; a resumed run keeps its recipe"
+                )
+        if contents.model_metadata.get("architecture") != cfg.model:
+            raise ConfigError(
+                f"{folder / ckpt.MODEL_NAME} holds a {contents.model_metadata.get('architecture')!r} model"
+            )
+        try:
+            acc.unwrap_model(self.model).load_state_dict(contents.model)
+        except RuntimeError as exc:
+            raise ckpt.CheckpointError(
+                f"{folder / ckpt.MODEL_NAME} does not fit the model: {str(exc).splitlines()[0]}"
+            ) from None
+        raw_opt = self.optimizer.optimizer
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_param_groups"]}
+        for pid, extra in state["optimizer_other_state"].items():
+            opt_state["state"][int(pid)] = dict(extra)
+        for key, value in contents.optimizer.items():
+            _, pid, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(pid), {})[name] = value
+        raw_opt.load_state_dict(opt_state)
+        self.scheduler.scheduler.load_state_dict(state["scheduler"])
+        saved_world = state["world_size"]
+        rank = acc.process_index
+        _set_rng_state({k: v[rank % v.shape[0]] for k, v in contents.rng.items()})
+        self.global_step = state["step"]
+        self.epoch = state["epoch"]
+        self.samples_in_epoch = state["samples_in_epoch"]
+        self.history, self.curves = state["history"], state["curves"]
+        self._epoch_lrs = list(state["epoch_lrs"])
+        self._epoch_time_before = state["epoch_time_before_s"]
+        if self.samples_in_epoch:
+            stats = contents.progress["epoch_stats"]  # [saved world, steps done, 2]
+            carry = contents.progress["epoch_carry"].to(torch.float64)
+            self._stats = torch.zeros(self.steps_per_epoch, 2, device=acc.device)
+            self._stats_filled = 0
+            if saved_world == self.num_processes and carry.numel() == 0:
+                self._stats[: stats.shape[1]] = stats[rank].to(acc.device)
+                self._stats_filled = stats.shape[1]
+            else:  # elastic: the finished part of this epoch is kept aside, in the same units
+                self._carry = torch.cat([carry, stats.reshape(-1, 2).to(torch.float64)])
+                self._carry_curve = list(state["epoch_loss_curve"])
+        if saved_world != self.num_processes:
+            self._rescale_schedule()
+            self.report.warn(
+                f"resuming a {saved_world}-process checkpoint on {self.num_processes} processes: the data "
+                "order and LR position carry over; results will not be bitwise equal to an unbroken run"
+            )
+        self._rewrite_logs()
+        self.report.line(f"resumed from {folder} (step {self.global_step})")
+
+    def _rescale_schedule(self) -> None:
+        """Another world size: keep the units done, size the rest to the steps that remain now."""
+        old = self.scheduler.scheduler
+        done_units = old.last_epoch
+        steps_left = (
+            self._steps_in(self.epoch, self.samples_in_epoch)
+            + (self.config.epochs - self.epoch - 1) * self.steps_per_epoch
+        )
+        fresh = self._new_onecycle(done_units + max(steps_left - 1, 0) * self.num_processes + 1)
+        fresh.last_epoch = done_units - 1
+        fresh._step_count = done_units
+        fresh.step()  # sets the optimizer's LR (and momentum) for position `done_units`
+        self.scheduler.scheduler = fresh
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the trainer to save and stop after the current step; a second one stops at once."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if os.name == "posix" and _launched_by_launcher():
+            _die_with_parent()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.trainer._stop_signal is not None:  # second signal: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.trainer.request_stop(signum)
+        self.trainer.report.warn(
+            f"{signal.Signals(signum).name} received: saving a checkpoint after this step "
+            "(send it again to stop at once)"
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _launched_by_launcher() -> bool:
+    """True when our parent is `accelerate launch` or torchrun, whose death must stop us too."""
+    try:
+        cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return any(name in cmdline for name in (b"accelerate", b"torchrun", b"torch.distributed.run"))
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to send us SIGTERM when the launcher dies (a SIGTERM to `accelerate launch`
+    with one process kills only the launcher, which does not forward it)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class _LossProbe:
+    """The latest loss for the progress bar, read without making the host wait for the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.value = torch.zeros((), pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+        self.last: float | None = None
+
+    def read_then_copy(self, loss: Tensor) -> float | None:
+        if self.pending and (not self.cuda or self.event.query()):
+            self.last, self.pending = float(self.value), False
+        if not self.pending:
+            self.value.copy_(loss.detach(), non_blocking=self.cuda)
+            if self.cuda:
+                self.event.record()
+            self.pending = True
+        return self.last
+
+
+def resume_command(config: TrainConfig) -> str:
+    """The command line that continues this run (the launcher is named when we know it)."""
+    args = list(sys.argv[1:])
+    cleaned, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg.startswith("--resume="):
+            continue
+        cleaned.append(arg)
+    cleaned += ["--resume", "latest"]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1"), "-m", "trainer"]
+    elif any(k.startswith("ACCELERATE_") for k in os.environ):
+        launcher = ["accelerate", "launch", "-m", "trainer"]
+    else:
+        launcher = ["python", "-m", "trainer"]
+    return shlex.join(launcher + cleaned)
+
+
+def _step_of(folder: Path) -> int:
+    match = ckpt.STEP_DIR.match(folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint's JSON")
+
+
+def _rng_state() -> dict[str, Tensor]:
+    """This process's random generators as fixed-size tensors (so they can be gathered)."""
+    version, mt, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python_mt": torch.tensor(mt, dtype=torch.int64),
+        "python_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
+        state["numpy_rest"] = torch.tensor([pos, has_gauss, cached], dtype=torch.float64)
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    gauss = state["python_gauss"].item()
+    random.setstate((3, tuple(int(v) for v in state["python_mt"].tolist()), None if gauss != gauss else gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8))
+    if "numpy_keys" in state:
+        import numpy as np
+
+        pos, has_gauss, cached = state["numpy_rest"].tolist()
+        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), int(pos), int(has_gauss), cached))
