@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,58 @@ def real_data() -> Path:
     if not (raw / "t10k-images-idx3-ubyte").is_file():
         pytest.fail(f"real MNIST not found in {raw}: set TRAINER_MNIST_DIR or provide ../shared/data")
     return REAL_DATA
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_main(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Runs `trainer.cli.main(args)` in this process (one torch import for the whole suite)."""
+    from trainer import cli
+
+    monkeypatch.setenv("TRAINER_OFFLINE", "1")
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+
+    def run(args: list[str], main=cli.main) -> Result:
+        reset_accelerate()
+        capsys.readouterr()
+        code = main(args)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    yield run
+    reset_accelerate()
+
+
+def main_in_process(args: list[str]) -> int:
+    """`trainer.cli.main(args)` here, for fixtures that cannot use `run_main`."""
+    from trainer import cli
+
+    old = os.environ.get("TRAINER_OFFLINE")
+    os.environ["TRAINER_OFFLINE"] = "1"
+    try:
+        reset_accelerate()
+        return cli.main(args)
+    finally:
+        reset_accelerate()
+        if old is None:
+            del os.environ["TRAINER_OFFLINE"]
+        else:
+            os.environ["TRAINER_OFFLINE"] = old
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide state; tests that build Accelerators with other settings reset it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def tiny_args(data_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, run_trainer, tiny_args
+from conftest import REPO, cli_env, main_in_process, run_trainer, tiny_args
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
@@ -23,8 +24,10 @@ from trainer import checkpoint as ckpt
 @pytest.fixture(scope="module")
 def finished_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished")
-    result = run_trainer(tiny_args(tiny_data, out, "--epochs", "3", "--limit-train-batches", "4", "--keep-last", "2"))
-    assert result.returncode == 0, result.stderr
+    assert (
+        main_in_process(tiny_args(tiny_data, out, "--epochs", "3", "--limit-train-batches", "4", "--keep-last", "2"))
+        == 0
+    )
     return out / "mnist"
 
 
@@ -59,7 +62,7 @@ def test_layout_manifest_and_metadata(finished_run):
     assert rng["torch"].shape[0] == 1  # one row per process
 
 
-def test_corrupted_files_are_named_and_latest_falls_back(finished_run, tmp_path, tiny_data):
+def test_corrupted_files_are_named_and_latest_falls_back(run_main, finished_run, tmp_path, tiny_data):
     for how in ("truncate", "flip", "delete"):
         run = copy_run(finished_run, tmp_path / how / "mnist")
         target = run / "step_0000012" / "optimizer.safetensors"
@@ -74,14 +77,14 @@ def test_corrupted_files_are_named_and_latest_falls_back(finished_run, tmp_path,
             ckpt.verify(run / "step_0000012")
         assert "optimizer.safetensors" in str(info.value)
         # --resume PATH refuses, naming the file and the failed check
-        direct = run_trainer(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / how),
+        direct = run_main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / how),
                               "--resume", str(run / "step_0000012")])  # fmt: skip
         assert direct.returncode == 2 and "optimizer.safetensors" in direct.stderr
         assert {"truncate": "truncated", "flip": "sha256", "delete": "missing"}[how] in direct.stderr
         assert "Traceback" not in direct.stderr
         # --resume latest warns and uses step 8, which is complete
         assert ckpt.find_latest(run) == run / "step_0000008"
-        latest = run_trainer(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / how),
+        latest = run_main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path / how),
                               "--resume", "latest", "--progress", "plain"])  # fmt: skip
         assert latest.returncode == 0, latest.stderr
         assert "skipping broken checkpoint" in latest.stderr and "step_0000008" in latest.stdout
@@ -97,11 +100,11 @@ def test_incompatible_format_version_is_named(finished_run, tmp_path):
         ckpt.verify(run / "step_0000012")
 
 
-def test_checkpoint_of_another_dataset_is_refused(finished_run, tmp_path, tiny_data):
+def test_checkpoint_of_another_dataset_is_refused(run_main, finished_run, tmp_path, tiny_data):
     from conftest import write_dataset
 
     write_dataset(tmp_path / "data", folder="KMNIST")
-    result = run_trainer(["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path), "--run-name", "k",
+    result = run_main(["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path), "--run-name", "k",
                           "--dataset", "kmnist", "--resume", str(finished_run / "step_0000012")])  # fmt: skip
     assert result.returncode == 2 and "dataset='mnist'" in result.stderr and "kmnist" in result.stderr
 
@@ -114,23 +117,23 @@ class _Boom:
         return (open, (self.marker, "w"))
 
 
-def test_resume_never_unpickles(finished_run, tmp_path, tiny_data):
+def test_resume_never_unpickles(run_main, finished_run, tmp_path, tiny_data):
     run = copy_run(finished_run, tmp_path / "mnist")
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(_Boom(str(marker)))
     for folder in run.glob("step_*"):
         for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "pytorch_model.bin", "model.pt"):
             (folder / name).write_bytes(payload)
-    with pytest.raises(Exception):  # the payload is live: unpickling it would create the marker
-        pickle.loads(payload)
+    pickle.loads(payload).close()  # the payload is live: unpickling it creates the marker
+    assert marker.exists()
     marker.unlink()
-    result = run_trainer(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--resume", "latest",
-                          "--epochs", "3"])  # fmt: skip
+    result = run_main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--resume", "latest",
+                       "--epochs", "3"])  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
 
 
-def test_failed_save_leaves_no_partial_folder_and_keeps_the_previous(tiny_data, tmp_path, monkeypatch):
+def test_failed_save_leaves_no_partial_folder_and_keeps_the_previous(run_main, tiny_data, tmp_path, monkeypatch):
     """A save that dies half-way (a full disk) keeps every earlier checkpoint loadable."""
     from trainer import TrainConfig, Trainer, engine
 
@@ -157,14 +160,15 @@ def test_failed_save_leaves_no_partial_folder_and_keeps_the_previous(tiny_data, 
     assert [p.name for p in run.iterdir() if p.name.startswith(".tmp")] == []
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000003"]
     ckpt.load(run / "step_0000003")
-    cli = run_trainer(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--resume", "latest"])
+    monkeypatch.undo()
+    cli = run_main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--resume", "latest"])
     assert cli.returncode == 0, cli.stderr
 
 
-def test_save_error_is_one_line_exit_2(tiny_data, tmp_path):
+def test_save_error_is_one_line_exit_2(run_main, tiny_data, tmp_path):
     """An output folder that cannot be written (a file stands where the run folder should be)."""
     (tmp_path / "mnist").write_text("not a folder")
-    result = run_trainer(tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "2"))
+    result = run_main(tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "2"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (tmp_path / "mnist").read_text() == "not a folder"
 
@@ -193,10 +197,12 @@ def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
     proc = start_training(base)
     while kills < 12:
         seen = {p.name for p in ckpt.list_checkpoints(run)}
-        try:
-            wait_for(lambda: proc.poll() is not None or {p.name for p in ckpt.list_checkpoints(run)} - seen, 60)
-        except TimeoutError:
-            pass
+
+        def progressed(proc=proc, seen=seen) -> bool:
+            return proc.poll() is not None or bool({p.name for p in ckpt.list_checkpoints(run)} - seen)
+
+        with contextlib.suppress(TimeoutError):
+            wait_for(progressed, 120)
         if proc.poll() is not None:
             break
         time.sleep(rng.uniform(0, 0.15))
@@ -218,21 +224,33 @@ def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_prints_resume_command_and_exits_128_plus_signum(tiny_data, tmp_path, sig):
-    args = tiny_args(tiny_data, tmp_path, "--epochs", "30")
-    proc = start_training(args)
+def test_signal_saves_prints_resume_command_and_exits_128_plus_signum(run_main, tiny_data, tmp_path, sig):
+    import threading
+
+    args = tiny_args(tiny_data, tmp_path, "--epochs", "4", "--limit-train-batches", "6")
     run = tmp_path / "mnist"
-    wait_for(lambda: (run / "metrics.jsonl").exists())  # training is under way
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, err
-    assert "resume with: python -m trainer" in out and "--resume latest" in out
+
+    def send_when_training():
+        wait_for(lambda: (run / "metrics.jsonl").exists())  # an epoch is done: mid-training
+        os.kill(os.getpid(), sig)
+
+    sender = threading.Thread(target=send_when_training, daemon=True)
+    sender.start()
+    previous = signal.getsignal(sig)
+    result = run_main(args)
+    sender.join()
+    assert result.returncode == 128 + sig, result.stderr
+    assert signal.getsignal(sig) is previous  # handlers restored
+    assert f"{signal.Signals(sig).name} received" in result.stderr
+    assert "resume with: python -m trainer" in result.stdout and "--resume latest" in result.stdout
     latest = ckpt.find_latest(run)
-    stopped_at = json.loads((latest / "state.json").read_text())["step"]
-    assert stopped_at >= 24
-    result = run_trainer([*args, "--resume", "latest"], timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert f"resumed from {latest}" in result.stdout
+    state = json.loads((latest / "state.json").read_text())
+    assert 6 <= state["step"] < 24
+    resumed = run_main([*args, "--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {latest}" in resumed.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

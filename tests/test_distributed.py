@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, cli_env, free_port, run_trainer, tiny_args
+from conftest import REPO, cli_env, free_port, main_in_process, run_trainer, tiny_args
 
 MAX_LR = 0.5
 
@@ -29,9 +29,10 @@ def assert_one_cycle(lrs: list[float]) -> None:
 
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("limit", [None, 7])
-def test_lr_schedule_ends_exactly_at_the_last_step(tiny_data, tmp_path, nproc, limit):
+def test_lr_schedule_ends_exactly_at_the_last_step(run_main, tiny_data, tmp_path, nproc, limit):
     extra = ["--epochs", "3"] + (["--limit-train-batches", str(limit)] if limit else [])
-    result = run_trainer(tiny_args(tiny_data, tmp_path, *extra), nproc=nproc)
+    args = tiny_args(tiny_data, tmp_path, *extra)
+    result = run_main(args) if nproc == 1 else run_trainer(args, nproc=nproc)
     assert result.returncode == 0, result.stderr
     lrs = read_lrs(tmp_path / "mnist")
     steps_per_epoch = limit or 1536 // 64 // nproc
@@ -42,9 +43,11 @@ def test_lr_schedule_ends_exactly_at_the_last_step(tiny_data, tmp_path, nproc, l
 
 
 def run_probe(tiny_data, tmp_path, nproc: int, weights=None) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "tests/helpers/dist_probe.py"),
-           "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / f"probe{nproc}")]  # fmt: skip
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port())]  # fmt: skip
+    cmd = [*launcher, str(REPO / "tests/helpers/dist_probe.py"), "--data-dir", str(tiny_data),
+           "--output-dir", str(tmp_path / f"probe{nproc}")]  # fmt: skip
     if weights:
         cmd += ["--weights", str(weights)]
     import subprocess
@@ -57,8 +60,7 @@ def run_probe(tiny_data, tmp_path, nproc: int, weights=None) -> dict:
 @pytest.fixture(scope="module")
 def trained_weights(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("weights")
-    result = run_trainer(tiny_args(tiny_data, out, "--epochs", "1", "--limit-train-batches", "5"))
-    assert result.returncode == 0, result.stderr
+    assert main_in_process(tiny_args(tiny_data, out, "--epochs", "1", "--limit-train-batches", "5")) == 0
     return next((out / "mnist").glob("step_*")) / "model.safetensors"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_trainer, tiny_args
+from conftest import main_in_process, run_trainer, tiny_args
 from safetensors.torch import load_file
 
 DETERMINISTIC_KEYS = ("epoch", "step", "train_loss", "train_acc", "train_samples", "valid_loss", "valid_acc",
@@ -44,50 +44,39 @@ def branch(src_run: Path, step: int, out: Path, name: str) -> list[str]:
 def unbroken_1proc(tiny_data, tmp_path_factory):
     """3 epochs of 24 steps, with a checkpoint every 10 steps (mid-epoch) and every epoch, all kept."""
     out = tmp_path_factory.mktemp("unbroken1")
-    result = run_trainer(tiny_args(tiny_data, out, "--epochs", "3", "--save-every", "10", "--keep-last", "100"))
-    assert result.returncode == 0, result.stderr
+    assert main_in_process(tiny_args(tiny_data, out, "--epochs", "3", "--save-every", "10", "--keep-last", "100")) == 0
     return out / "mnist"
 
 
-def test_periodic_saves_do_not_change_the_run(tiny_data, tmp_path, unbroken_1proc):
-    result = run_trainer(tiny_args(tiny_data, tmp_path, "--epochs", "3"))
+def test_periodic_saves_do_not_change_the_run(run_main, tiny_data, tmp_path, unbroken_1proc):
+    result = run_main(tiny_args(tiny_data, tmp_path, "--epochs", "3"))
     assert result.returncode == 0, result.stderr
     assert_same_run(unbroken_1proc, tmp_path / "mnist")
 
 
 @pytest.mark.parametrize("step", [24, 30], ids=["epoch-boundary", "mid-epoch"])
-def test_resume_is_bitwise_equal_1proc(tiny_data, tmp_path, unbroken_1proc, step):
+def test_resume_is_bitwise_equal_1proc(run_main, tiny_data, tmp_path, unbroken_1proc, step):
     # Only --resume and where to write: every other setting comes from the checkpoint.
-    result = run_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
+    result = run_main(["--data-dir", str(tiny_data), "--progress", "plain",
                           *branch(unbroken_1proc, step, tmp_path, "resumed")])  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"resumed from {unbroken_1proc / f'step_{step:07d}'}" in result.stdout
     assert_same_run(unbroken_1proc, tmp_path / "resumed")
 
 
-def test_negative_control_without_data_position_restore(tiny_data, tmp_path, unbroken_1proc):
+def test_negative_control_without_data_position_restore(run_main, tiny_data, tmp_path, unbroken_1proc, monkeypatch):
     """A trainer that forgets where it was in the epoch produces a different run: the test can fail."""
-    probe = tmp_path / "forgetful.py"
-    probe.write_text(
-        "import sys, trainer.engine as e\n"
-        "orig = e.Trainer._resume\n"
-        "def forgetful(self, folder):\n"
-        "    orig(self, folder)\n"
-        "    self.samples_in_epoch, self._stats_filled = 0, 0\n"
-        "e.Trainer._resume = forgetful\n"
-        "from trainer.cli import main\n"
-        "raise SystemExit(main(sys.argv[1:]))\n"
-    )
-    import subprocess
-    import sys
+    from trainer import engine
 
-    from conftest import REPO, cli_env
+    original = engine.Trainer._resume
 
+    def forgetful(self, folder):
+        original(self, folder)
+        self.samples_in_epoch, self._stats_filled = 0, 0
+
+    monkeypatch.setattr(engine.Trainer, "_resume", forgetful)
     args = ["--data-dir", str(tiny_data), "--progress", "plain", *branch(unbroken_1proc, 30, tmp_path, "forgetful")]
-    result = subprocess.run(
-        [sys.executable, str(probe), *args], cwd=REPO, env=cli_env(), capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
+    assert run_main(args).returncode == 0
     a, b = final_weights(unbroken_1proc), final_weights(tmp_path / "forgetful")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
@@ -139,23 +128,23 @@ def test_elastic_resume_continues_data_and_schedule(
     assert rows[-1]["valid_seen"] == 1001
 
 
-def test_resume_without_checkpoint_says_where_it_looked(tiny_data, tmp_path):
-    result = run_trainer(tiny_args(tiny_data, tmp_path, "--resume", "latest"))
+def test_resume_without_checkpoint_says_where_it_looked(run_main, tiny_data, tmp_path):
+    result = run_main(tiny_args(tiny_data, tmp_path, "--resume", "latest"))
     assert result.returncode == 2
     assert str(tmp_path / "mnist") in result.stderr and "no complete checkpoint" in result.stderr
 
 
-def test_resume_refuses_a_different_recipe(tiny_data, tmp_path, unbroken_1proc):
+def test_resume_refuses_a_different_recipe(run_main, tiny_data, tmp_path, unbroken_1proc):
     args = ["--data-dir", str(tiny_data), *branch(unbroken_1proc, 30, tmp_path, "x"), "--lr", "0.1"]
-    result = run_trainer(args)
+    result = run_main(args)
     assert result.returncode == 2
     assert "lr=0.5" in result.stderr and "lr=0.1" in result.stderr
 
 
-def test_resume_older_checkpoint_in_place_is_refused(tiny_data, tmp_path, unbroken_1proc):
+def test_resume_older_checkpoint_in_place_is_refused(run_main, tiny_data, tmp_path, unbroken_1proc):
     run = tmp_path / "mnist"
     shutil.copytree(unbroken_1proc, run, symlinks=True)
-    result = run_trainer(
+    result = run_main(
         ["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--resume", str(run / "step_0000030")]
     )
     assert result.returncode == 2 and "--run-name" in result.stderr

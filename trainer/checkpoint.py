@@ -100,6 +100,12 @@ def save(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / step_dir_name(step)
+    if final.exists():
+        try:
+            verify(final)
+            return final  # this step is already saved, completely: never replace a good checkpoint
+        except CheckpointError:
+            pass  # a broken folder under a checkpoint's name: replaced below
     tmp = run_dir / f"{TMP_PREFIX}{final.name}.{os.getpid()}"
     try:
         if tmp.exists():
@@ -128,7 +134,7 @@ def save(
         _fsync_dir(tmp)
         if before_commit is not None:
             before_commit()
-        if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
+        if final.exists():  # broken (checked above): not a checkpoint, so nothing is lost
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(run_dir)

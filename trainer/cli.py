@@ -113,26 +113,49 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
-def parse_config_or_exit(argv: list[str] | None) -> TrainConfig | None:
-    """Parses cheaply (no torch import) when it can; --help and bad flags exit here."""
-    if "--resume" in " ".join(argv if argv is not None else sys.argv[1:]):
-        build_parser().parse_args(argv)  # still lets argparse answer --help / reject bad flags first
-        return None
+def die_with_launcher() -> None:
+    """When `accelerate launch` or torchrun started us, their death becomes our SIGTERM.
+
+    `accelerate launch` with one process waits on its child without forwarding signals, so a
+    SIGTERM to the launcher alone (what `kill PID` and many schedulers send) would leave the
+    trainer running as an orphan. Linux's PR_SET_PDEATHSIG turns the launcher's death into a
+    SIGTERM for us, which the trainer answers like any SIGTERM: save, then exit.
+    """
+    parent = os.getppid()
     try:
-        return parse_config(argv)
-    except ConfigError as exc:
-        raise SystemExit(fail(str(exc))) from None
+        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
+    except OSError:  # not Linux
+        return
+    if not any(name in cmdline for name in (b"accelerate", b"torchrun", b"torch.distributed.run")):
+        return  # started from a shell: `nohup python -m trainer &` must survive the shell
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config_or_exit(argv)
+    """Runs the CLI; returns the exit code (argparse itself exits 2 on malformed flags)."""
+    if argv is None:
+        die_with_launcher()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--resume" or a.startswith("--resume=") for a in args):
+        try:  # settle flag errors before the slow torch import
+            config = parse_config(args)
+        except ConfigError as exc:
+            return fail(str(exc))
     from trainer.checkpoint import CheckpointError
     from trainer.engine import Stopped, Trainer
 
     try:
-        if config is None:
-            config = parse_config(argv)
-        Trainer(config).fit()
+        if any(a == "--resume" or a.startswith("--resume=") for a in args):
+            config = parse_config(args)  # reads the checkpoint's settings
+        trainer = Trainer(config)
+        trainer.command_args = args
+        trainer.fit()
     except (ConfigError, CheckpointError) as exc:
         return fail(str(exc))
     except Stopped as exc:

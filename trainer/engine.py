@@ -130,6 +130,7 @@ class Trainer:
         self._epoch_lrs: list[float] = []
         self._epoch_time_before = 0.0
         self._stop_signal: int | None = None
+        self.command_args: list[str] | None = None  # the CLI's flags, for the printed resume command
         self._prepare_run_dir()
 
     # ------------------------------------------------------------------ setup
@@ -207,7 +208,10 @@ class Trainer:
         else:
             self._resume(self._find_resume_point(cfg.resume))
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the run folder {self.run_dir}: {exc.strerror}") from None
             ckpt.remove_stale_temporaries(self.run_dir)
         self.accelerator.wait_for_everyone()
 
@@ -268,7 +272,7 @@ class Trainer:
             self._stats_filled = i + 1
             self.global_step += 1
             self.samples_in_epoch += per_step
-            if (i + 1 - first) % show_every == 0:
+            if self.report.bars and (i + 1 - first) % show_every == 0:
                 self.report.advance(i + 1, per_step, self._epoch_lrs[-1], probe.read_then_copy(loss))
             last = i + 1 == first + remaining
             if not last and self._stop_agreed(step=i + 1):
@@ -347,7 +351,7 @@ class Trainer:
 
     def _print_resume_hint(self) -> None:
         self.report.line(f"stopped by {signal.Signals(self._stop_signal).name}; checkpoint saved: {self._last_saved}")
-        self.report.line(f"resume with: {resume_command(self.config)}")
+        self.report.line(f"resume with: {resume_command(self.command_args)}")
 
     # ------------------------------------------------------------------ output
     def _announce(self) -> None:
@@ -420,7 +424,10 @@ class Trainer:
                 folder = ckpt.save(self.run_dir, self.global_step, self._checkpoint_contents(rng, progress))
                 self._after_save(folder, best_candidate)
             except OSError as exc:
-                error = f"could not save checkpoint step {self.global_step} in {self.run_dir}: {exc}; earlier checkpoints are intact"
+                error = (
+                    f"could not save checkpoint step {self.global_step} in {self.run_dir}: {exc}; "
+                    "earlier checkpoints are intact"
+                )
         status = torch.tensor([1 if error else 0], device=acc.device)
         if int(acc.reduce(status, reduction="sum").item()):
             raise ckpt.CheckpointError(error or "the main process could not save a checkpoint")
@@ -586,59 +593,34 @@ class Trainer:
 
 
 class _StopSignals:
-    """SIGINT/SIGTERM ask the trainer to save and stop after the current step; a second one stops at once."""
+    """SIGINT/SIGTERM ask the trainer to save and stop after the current step; a second Ctrl-C stops at once."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
-        if os.name == "posix" and _launched_by_launcher():
-            _die_with_parent()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.trainer._stop_signal is not None:  # second signal: stop now
-            signal.signal(signum, signal.SIG_DFL)
+        if self.trainer._stop_signal is not None:
+            # Only a second Ctrl-C means "now". A SIGTERM after a Ctrl-C is usually the launcher
+            # dying from the same Ctrl-C (see cli.die_with_launcher): the save must go on.
             if signum == signal.SIGINT:
+                signal.signal(signum, signal.SIG_DFL)
                 raise KeyboardInterrupt
-            os.kill(os.getpid(), signum)
             return
         self.trainer.request_stop(signum)
         self.trainer.report.warn(
             f"{signal.Signals(signum).name} received: saving a checkpoint after this step "
-            "(send it again to stop at once)"
+            "(press Ctrl-C again to stop at once)"
         )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def _launched_by_launcher() -> bool:
-    """True when our parent is `accelerate launch` or torchrun, whose death must stop us too."""
-    try:
-        cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return any(name in cmdline for name in (b"accelerate", b"torchrun", b"torch.distributed.run"))
-
-
-def _die_with_parent() -> None:
-    """Asks Linux to send us SIGTERM when the launcher dies (a SIGTERM to `accelerate launch`
-    with one process kills only the launcher, which does not forward it)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        parent = os.getppid()
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # it died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 class _LossProbe:
@@ -662,9 +644,9 @@ class _LossProbe:
         return self.last
 
 
-def resume_command(config: TrainConfig) -> str:
+def resume_command(args: list[str] | None = None) -> str:
     """The command line that continues this run (the launcher is named when we know it)."""
-    args = list(sys.argv[1:])
+    args = list(sys.argv[1:] if args is None else args)
     cleaned, skip = [], False
     for arg in args:
         if skip:

@@ -1,0 +1,93 @@
+"""The Trainer in-process: the blog's network, a loop without per-step host syncs, real MNIST."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import reset_accelerate
+
+from trainer import TrainConfig, Trainer
+from trainer.config import MODEL_NAMES
+from trainer.model import MODELS, build_model
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def test_blog_network_shapes():
+    model = build_model("blog_resnet")
+    convs = [(m.in_channels, m.out_channels, m.stride[0]) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [
+        (1, 8, 2), (8, 8, 1), (8, 8, 1),
+        (8, 16, 2), (16, 16, 1), (16, 16, 1),
+        (16, 32, 2), (32, 32, 1), (32, 32, 1),
+        (32, 16, 2), (16, 10, 2),
+    ]  # fmt: skip
+    assert sum(p.numel() for p in model.parameters()) == 36_460
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert set(MODEL_NAMES) == set(MODELS)
+
+
+def tiny_config(tiny_data, tmp_path, **kw) -> TrainConfig:
+    values = dict(data_dir=str(tiny_data), output_dir=str(tmp_path), batch_size=64, eval_batch_size=128, epochs=1,
+                  cpu=True, progress="plain")  # fmt: skip
+    return TrainConfig(**{**values, **kw})
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_is_used_when_set(tiny_data, tmp_path, channels_last):
+    trainer = Trainer(tiny_config(tiny_data, tmp_path, channels_last=channels_last))
+    conv = trainer.accelerator.unwrap_model(trainer.model)[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_training_step_has_no_per_step_host_sync(tiny_data, tmp_path, monkeypatch):
+    """`.item()` / `.tolist()` calls in an epoch do not grow with its number of steps."""
+    counts = {}
+    for steps in (3, 9):
+        reset_accelerate()
+        trainer = Trainer(tiny_config(tiny_data, tmp_path / str(steps), limit_train_batches=steps))
+        calls = {"n": 0}
+        real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
+
+        def item(self, real=real_item, calls=calls):
+            calls["n"] += 1
+            return real(self)
+
+        def tolist(self, real=real_tolist, calls=calls):
+            calls["n"] += 1
+            return real(self)
+
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        result = trainer.train_epoch()
+        monkeypatch.undo()
+        assert result["samples"] == steps * 64
+        counts[steps] = calls["n"]
+    assert counts[3] == counts[9]
+
+
+def test_evaluate_returns_exact_counts_and_confusion(tiny_data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_data, tmp_path, eval_batch_size=100))
+    result = trainer.evaluate()
+    assert result.seen == 1001 and result.confusion.shape == (10, 10)
+    assert result.correct == int(result.confusion.trace()) and 0 <= result.accuracy <= 1
+    assert (
+        result.confusion.sum(dim=1).tolist()
+        == torch.bincount(trainer.eval_loader.dataset.labels, minlength=10).tolist()
+    )
+
+
+@pytest.mark.slow
+def test_one_epoch_on_real_mnist_reaches_97_percent(real_data, tmp_path):
+    """The default recipe, one epoch, all 10,000 test images."""
+    history = Trainer(TrainConfig(data_dir=str(real_data), output_dir=str(tmp_path), epochs=1, cpu=True,
+                                  progress="plain")).fit()  # fmt: skip
+    last = history[-1]
+    assert last["valid_seen"] == 10_000
+    assert last["valid_acc"] >= 0.97, last
+    assert last["train_samples"] == 117 * 512

@@ -1,0 +1,142 @@
+"""python -m trainer.predict: image files of any size and mode -> the model's class and probability."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_TEST
+from helpers.tiny_run import reset_accelerate, trained_tiny_run
+from PIL import Image, ImageDraw
+
+from trainer import predict
+from trainer.data import load_split, to_model_input
+from trainer.evaluate import load_model
+
+N = 20  # test digits to predict
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    return trained_tiny_run(tiny_data, tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def digits(tiny_data):
+    split = load_split("mnist", tiny_data, train=False)
+    assert len(split.labels) == TINY_TEST
+    return split.images[:N], split.labels[:N]
+
+
+def save_variants(images: torch.Tensor, folder) -> dict[str, list[str]]:
+    """The same 28x28 digits as a grey PNG, an inverted (dark on light) PNG and an RGB PNG."""
+    folder.mkdir(exist_ok=True)
+    paths: dict[str, list[str]] = {"grey": [], "inverted": [], "rgb": []}
+    for i, image in enumerate(images.numpy()):
+        grey = Image.fromarray(image, mode="L")
+        for kind, picture in (("grey", grey), ("inverted", Image.fromarray(255 - image)), ("rgb", grey.convert("RGB"))):
+            path = folder / f"{i}_{kind}.png"
+            picture.save(path)
+            paths[kind].append(str(path))
+    return paths
+
+
+def run_json(capsys, argv):
+    code = predict.main([*argv, "--json"])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out), captured.err
+
+
+def test_png_digits_get_the_models_class_in_every_variant(tiny_run, digits, tmp_path, capsys):
+    images, labels = digits
+    model = load_model(tiny_run / "best").model
+    with torch.no_grad():
+        expected = model(to_model_input(images)).softmax(dim=1)  # the path evaluation takes
+    assert (expected.argmax(1) == labels).float().mean() >= 0.7  # the briefly trained model mostly knows them
+
+    paths = save_variants(images, tmp_path)
+    for kind, files in paths.items():
+        code, results, err = run_json(capsys, [str(tiny_run / "best"), *files, "--top-k", "3"])
+        assert code == 0, err
+        assert [r["image"] for r in results] == files
+        for r, p in zip(results, expected):
+            assert r["label"] == int(p.argmax()), kind  # inverted and RGB files are read back to the same pixels
+            assert r["probability"] == pytest.approx(float(p.max()), rel=1e-5)
+            assert r["name"] == str(r["label"])
+            assert len(r["top_k"]) == 3 and r["top_k"][0]["label"] == r["label"]
+            probabilities = [t["probability"] for t in r["top_k"]]
+            assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
+
+
+def test_unreadable_images_are_named_and_the_others_still_predicted(tiny_run, digits, tmp_path, capsys):
+    good = save_variants(digits[0][:2], tmp_path)["grey"]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing an image needs")
+    missing = tmp_path / "missing.png"
+    argv = [str(tiny_run / "best"), good[0], str(missing), str(corrupt), good[1]]
+    code, results, err = run_json(capsys, argv)
+    assert code == 2
+    assert [r["image"] for r in results] == good
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("trainer: error:") for line in lines), err
+    assert str(missing) in lines[0] and "no such file" in lines[0]
+    assert str(corrupt) in lines[1]
+    assert "Traceback" not in err
+    # The table output names the images it predicted.
+    assert predict.main(argv) == 2
+    shown = capsys.readouterr().out
+    assert "0_grey.png" in shown and "1_grey.png" in shown and "corrupt" not in shown
+
+
+def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("L", (28, 28)).save(image)
+    code = predict.main([str(tmp_path / "nowhere"), str(image)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("trainer: error:") and "nowhere" in err
+
+
+def draw_seven(width: int, height: int, box: tuple[int, int, int, int], stroke: int) -> Image.Image:
+    """A dark "7" drawn on light paper inside `box` (left, top, right, bottom) of a larger picture."""
+    picture = Image.new("RGB", (width, height), (235, 232, 225))
+    left, top, right, bottom = box
+    draw = ImageDraw.Draw(picture)
+    draw.line([(left, top), (right, top), (left + (right - left) // 3, bottom)], fill=(20, 20, 40), width=stroke)
+    return picture
+
+
+def ink_box(image: torch.Tensor) -> tuple[int, int]:
+    rows, cols = (image > 64).any(1).nonzero().flatten(), (image > 64).any(0).nonzero().flatten()
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def centre_of_mass(image: torch.Tensor) -> tuple[float, float]:
+    at = torch.arange(28, dtype=torch.float32)
+    return float((image.sum(1) * at).sum() / image.sum()), float((image.sum(0) * at).sum() / image.sum())
+
+
+def test_any_size_is_brought_to_mnist_format(tmp_path):
+    """Dark on light, any size and place, JPEG or PNG: white on black, fit in 20x20 keeping the
+    aspect ratio, centred by mass in 28x28; the same drawing at another scale gives nearly the same input."""
+    small = tmp_path / "small.jpg"
+    draw_seven(300, 200, (30, 20, 90, 140), 12).save(small, quality=90)  # a tall 7 in the top left corner
+    large = tmp_path / "large.png"
+    draw_seven(900, 1000, (500, 300, 680, 660), 36).convert("L").save(large)  # 3x as big, elsewhere
+    a, b = predict.load_image(small), predict.load_image(large)
+    for image in (a, b):
+        assert image.shape == (28, 28)
+        assert image.max() > 200 and image[0].max() < 1 and image[:, 0].max() < 1  # white ink on black
+        height, width = ink_box(image)
+        assert 19 <= height <= 20 and 10 <= width <= 13  # 132 x 72 pixels of ink: the ratio is kept
+        cy, cx = centre_of_mass(image)
+        assert abs(cy - 13.5) <= 0.6 and abs(cx - 13.5) <= 0.6
+    assert (a - b).abs().mean() < 10  # of 255
+    # Negative control: without the inversion the dark strokes are taken for background and lost.
+    assert (predict.load_image(small, invert="no") - a).abs().mean() > a.mean() / 2

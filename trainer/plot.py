@@ -1,0 +1,136 @@
+"""`python -m trainer.plot RUN_DIR`: a run's loss and learning rate per step and accuracy per epoch, as a PNG.
+
+Reads only the run folder's metrics.jsonl and curves.jsonl (no torch import). matplotlib is an
+optional extra: `pip install -e '.[plot]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer.cli import fail
+
+METRICS_NAME = "metrics.jsonl"  # as trainer.engine writes them; repeated here to keep torch out
+CURVES_NAME = "curves.jsonl"
+INSTALL_HINT = "plotting needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)"
+
+
+class RunError(Exception):
+    """A run folder without readable logs: reported in one line."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; a missing file or a broken line is a RunError."""
+    if not path.is_file():
+        raise RunError(f"{path} not found: pass a run folder (<output-dir>/<run-name>) with a finished epoch")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise RunError(f"{path} line {number} is not JSON") from None
+    if not rows:
+        raise RunError(f"{path} is empty: no epoch has finished yet")
+    return rows
+
+
+def step_series(curves: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """Global step numbers and one per-step series ("loss" or "lr") from curves.jsonl's records.
+
+    Each record ends at its epoch's `last_step`; counting back from there also places the series
+    of an epoch that was resumed on another number of processes.
+    """
+    steps, values = [], []
+    for record in curves:
+        n = len(record[key])
+        steps += range(record["last_step"] - n + 1, record["last_step"] + 1)
+        values += record[key]
+    return steps, values
+
+
+def smooth(values: list[float], window: float) -> list[float]:
+    """Exponential moving average over about `window` values, bias-corrected at the start (as TensorBoard's)."""
+    weight = 1.0 - 1.0 / max(window, 1.0)
+    out, average = [], 0.0
+    for i, v in enumerate(values, start=1):
+        average = weight * average + (1.0 - weight) * v
+        out.append(average / (1.0 - weight**i))
+    return out
+
+
+def plot_run(run_dir: Path, out: Path) -> Path:
+    """Draws the run's three panels into `out` (PNG) and returns it."""
+    metrics = read_jsonl(run_dir / METRICS_NAME)
+    curves = read_jsonl(run_dir / CURVES_NAME)
+    try:
+        steps, losses = step_series(curves, "loss")
+        lr_steps, lrs = step_series(curves, "lr")
+        epochs = [r["epoch"] for r in metrics]
+        train_acc, valid_acc = [r["train_acc"] for r in metrics], [r["valid_acc"] for r in metrics]
+    except (KeyError, TypeError) as exc:
+        raise RunError(f"{run_dir}: logs lack the field {exc} (written by another version?)") from None
+    try:
+        import matplotlib
+    except ImportError:
+        raise RunError(INSTALL_HINT) from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
+    ax_loss.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
+    ax_loss.plot(steps, smooth(losses, len(losses) / 20), color="tab:blue", linewidth=1.8, label="smoothed")
+    if losses and min(losses) > 0:
+        ax_loss.set_yscale("log")
+    if len(curves) <= 50:  # epoch boundaries, while they stay readable
+        for record in curves[:-1]:
+            ax_loss.axvline(record["last_step"], color="grey", linewidth=0.5, linestyle=":")
+    ax_loss.set(title="training loss", xlabel="step", ylabel="cross-entropy")
+    ax_loss.legend()
+    ax_lr.plot(lr_steps, lrs, color="tab:orange")
+    ax_lr.set(title="learning rate", xlabel="step", ylabel="LR")
+    ax_acc.plot(epochs, train_acc, marker="o", label="train (running, during the epoch)")
+    best = max(range(len(valid_acc)), key=valid_acc.__getitem__)
+    ax_acc.plot(epochs, valid_acc, marker="o", label=f"valid (best {valid_acc[best]:.4f}, epoch {epochs[best]})")
+    ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy")
+    ax_acc.xaxis.get_major_locator().set_params(integer=True)
+    ax_acc.legend()
+    fig.suptitle(f"{run_dir.resolve().name}: {len(epochs)} epochs, {steps[-1] if steps else 0} steps")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as exc:
+        raise RunError(f"cannot write {out}: {exc}") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.plot",
+        description="Plot a run's training loss and LR per step and its accuracy per epoch into a PNG.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. checkpoints/mnist")
+    parser.add_argument("--out", metavar="PATH", default=None, help="the PNG to write (default: RUN_DIR/curves.png)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Writes the plot; returns 2 (after one line on stderr) when the run or matplotlib is missing."""
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "curves.png"
+    try:
+        written = plot_run(run_dir, out)
+    except RunError as exc:
+        return fail(str(exc))
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

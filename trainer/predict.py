@@ -1,0 +1,205 @@
+"""`python -m trainer.predict CHECKPOINT IMAGE...`: the class of each image, with its probability.
+
+Images of any size and mode are brought into the checkpoint's input format the way MNIST's
+digits were made: grey, white ink on black, the ink's bounding box scaled to fit a 20x20 box
+keeping its aspect ratio, then pasted into 28x28 with its centre of mass in the middle. An image
+that already has the input size is only made grey (and inverted when it is dark on light), so a
+test image saved as PNG gets exactly the prediction `trainer.evaluate` counted for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer.checkpoint import CheckpointError
+
+# MNIST's recipe: the digit fits in a BOX x BOX square, centred by mass in the SIZE x SIZE image.
+SIZE, BOX = 28, 20
+# After background removal and contrast stretching, pixels above this share (of 255) count as ink.
+INK_THRESHOLD = 0.2
+
+
+class ImageError(Exception):
+    """An image that cannot be read: reported in one line; the other images are still predicted."""
+
+
+def read_grey(path: str | os.PathLike) -> Tensor:
+    """An image file as float32 grey levels [H, W] on the 0-255 scale (transparency composited on white)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)  # photos from phones are stored rotated
+            if image.mode.startswith("I"):  # 16-bit grey PNGs open as I;16 or I, on a 0-65535 scale
+                grey = np.asarray(image, dtype=np.float32) * (255.0 / 65535.0)
+            else:
+                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                    # Drawing programs save ink on a transparent background: put it on paper.
+                    rgba = image.convert("RGBA")
+                    image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                grey = np.asarray(image.convert("L"), dtype=np.float32)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # OSError covers unidentifiable, truncated and unreadable files (and folders).
+        raise ImageError(f"{path}: cannot read the image ({_first_line(exc)})") from None
+    return torch.from_numpy(np.array(grey, dtype=np.float32))
+
+
+def _border(grey: Tensor) -> Tensor:
+    """The pixels of the outer ring (about 1/28 of the image wide): mostly background."""
+    w = max(1, round(min(grey.shape) / SIZE))
+    return torch.cat([grey[:w].flatten(), grey[-w:].flatten(), grey[:, :w].flatten(), grey[:, -w:].flatten()])
+
+
+def to_mnist(grey: Tensor, invert: str = "auto") -> Tensor:
+    """Grey levels [H, W] (0-255) -> a 28x28 image in MNIST's format: white ink on black, centred.
+
+    `invert`: "auto" inverts dark-on-light images (a bright border), "yes" / "no" force it.
+    """
+    if invert == "yes" or (invert == "auto" and _border(grey).mean() > 127.5):
+        grey = 255.0 - grey
+    if tuple(grey.shape) == (SIZE, SIZE):  # already the input format: exactly what evaluation sees
+        return grey
+    background = _border(grey).median()
+    ink = (grey - background).clamp(min=0)
+    peak = ink.max()
+    if peak <= 0:  # a blank image: nothing to centre
+        return torch.zeros(SIZE, SIZE)
+    ink = ink * (255.0 / peak)  # MNIST's strokes reach full white whatever the pen or the lighting
+    rows = (ink > 255 * INK_THRESHOLD).any(dim=1).nonzero().flatten()
+    cols = (ink > 255 * INK_THRESHOLD).any(dim=0).nonzero().flatten()
+    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    height, width = ink.shape
+    scale = BOX / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    digit = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    digit = digit.clamp(0, 255)
+    # Paste so that the centre of mass lands on the image centre (13.5, 13.5), staying inside the frame.
+    total = digit.sum().clamp(min=1e-6)
+    cy = (digit.sum(dim=1) * torch.arange(size[0])).sum() / total
+    cx = (digit.sum(dim=0) * torch.arange(size[1])).sum() / total
+    top = min(max(round((SIZE - 1) / 2 - cy.item()), 0), SIZE - size[0])
+    left = min(max(round((SIZE - 1) / 2 - cx.item()), 0), SIZE - size[1])
+    out = torch.zeros(SIZE, SIZE)
+    out[top : top + size[0], left : left + size[1]] = digit
+    return out
+
+
+def load_image(path: str | os.PathLike, invert: str = "auto") -> Tensor:
+    """An image file -> float32 [28, 28] on the 0-255 scale, ready for `trainer.evaluate.model_input`."""
+    return to_mnist(read_grey(path), invert)
+
+
+@torch.no_grad()
+def predict(loaded: Any, pixels: Tensor, device: str | torch.device = "cpu") -> Tensor:
+    """Class probabilities [B, classes] for images [B, 28, 28] (0-255 scale) from a `LoadedModel`."""
+    from trainer.evaluate import model_input
+
+    model = loaded.model.to(device).eval()
+    logits = model(model_input(pixels.to(device), loaded.normalization)).float()
+    return logits.softmax(dim=1).cpu()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.predict",
+        description="Classify images (PNG, JPEG, ... of any size) with a checkpoint's model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="a checkpoint folder (step_*), a run's `best` link or a model.safetensors")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("--top-k", type=int, default=1, metavar="K", help="also show the K most likely classes")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument(
+        "--invert",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="make dark-on-light images light-on-dark like MNIST (auto: when the image's border is bright)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Predicts every readable image; returns 2 if any image or the checkpoint could not be read."""
+    from trainer.cli import fail
+    from trainer.evaluate import load_model
+
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        return fail(f"--top-k must be at least 1, got {args.top_k}")
+    try:
+        loaded = load_model(args.checkpoint)
+        device = torch.device(args.device)
+    except CheckpointError as exc:
+        return fail(str(exc))
+    except RuntimeError as exc:  # torch's refusal of a device string
+        return fail(f"--device {args.device}: {_first_line(exc)}")
+    if tuple(loaded.input_shape[1:]) != (SIZE, SIZE):
+        return fail(f"{loaded.path}: input shape {loaded.input_shape} is not MNIST's (1, 28, 28)")
+    paths, images, failed = [], [], 0
+    for path in args.images:
+        try:
+            images.append(load_image(path, args.invert))
+            paths.append(path)
+        except ImageError as exc:
+            fail(str(exc))  # one line now; the exit code says it at the end
+            failed += 1
+    results = []
+    if images:
+        probabilities = predict(loaded, torch.stack(images), device)
+        k = min(args.top_k, len(loaded.class_names))
+        # A stable sort breaks ties (the blog's net ends in a ReLU: all-zero logits happen) towards the
+        # lower class, as argmax does in evaluation; topk's order among equals is unspecified.
+        top_p, top_i = (t[:, :k] for t in probabilities.sort(dim=1, descending=True, stable=True))
+        for path, ps, ks in zip(paths, top_p.tolist(), top_i.tolist()):
+            top = [{"label": c, "name": loaded.class_names[c], "probability": p} for p, c in zip(ps, ks)]
+            results.append({"image": str(path), **top[0], "top_k": top})
+    if args.json:
+        print(json.dumps(results, indent=1))
+    elif results:
+        _print_table(results, args.top_k > 1, loaded.class_names)
+    return 2 if failed else 0
+
+
+def _print_table(results: list[dict[str, Any]], show_top: bool, class_names: tuple[str, ...]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    named = list(class_names) != [str(k) for k in range(len(class_names))]
+
+    def label(entry: dict[str, Any]) -> str:
+        return f"{entry['label']} {entry['name']}" if named else str(entry["label"])
+
+    table = Table()
+    table.add_column("image", overflow="fold")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    if show_top:
+        table.add_column("top k")
+    for r in results:
+        cells = [r["image"], label(r), f"{r['probability']:.4f}"]
+        if show_top:
+            cells.append(", ".join(f"{label(t)}: {t['probability']:.4f}" for t in r["top_k"]))
+        table.add_row(*cells)
+    Console(highlight=False).print(table)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
