@@ -10,8 +10,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread per process: the tests start several processes on a 2-core machine, and
+# OpenMP threads that outnumber the free cores wait on each other at every barrier (seen here:
+# a backward pass 100x slower). Set before torch starts its thread pool.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 # Real MNIST: $TRAINER_MNIST_DIR, else ../shared/data beside the checkout (CI has it there).
@@ -158,3 +165,15 @@ def run_trainer(
             *args,
         ]
     return subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def unbroken_2proc(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-process (gloo) run: 3 epochs of 12 steps, a checkpoint every 5 steps, all kept; its
+    stdout is kept beside it. Shared by the schedule, exact-count and resume tests."""
+    out = tmp_path_factory.mktemp("unbroken2")
+    result = run_trainer(tiny_args(data_dir=tiny_data, out=out) + ["--epochs", "3", "--save-every", "5",
+                                                                    "--keep-last", "100"], nproc=2)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (out / "mnist" / "stdout.txt").write_text(result.stdout)
+    return out / "mnist"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, main_in_process, run_trainer, tiny_args
+from conftest import REPO, cli_env, main_in_process, tiny_args
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
@@ -188,14 +188,14 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
-    """12 kill -9s, many during saves (one every step); each time `--resume latest` carries on,
+    """10 kill -9s, many during saves (one every step); each time `--resume latest` carries on,
     and the run that finally completes equals one that was never interrupted."""
     rng = random.Random(0)
     base = tiny_args(tiny_data, tmp_path, "--epochs", "3", "--save-every", "1", "--keep-last", "2")
     run = tmp_path / "mnist"
     kills = 0
     proc = start_training(base)
-    while kills < 12:
+    while kills < 10:
         seen = {p.name for p in ckpt.list_checkpoints(run)}
 
         def progressed(proc=proc, seen=seen) -> bool:
@@ -216,8 +216,7 @@ def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert kills >= 10
-    reference = run_trainer(tiny_args(tiny_data, tmp_path / "ref", "--epochs", "3"))
-    assert reference.returncode == 0
+    assert main_in_process(tiny_args(tiny_data, tmp_path / "ref", "--epochs", "3")) == 0
     final = load_file(ckpt.find_latest(run) / "model.safetensors")
     expected = load_file(ckpt.find_latest(tmp_path / "ref" / "mnist") / "model.safetensors")
     assert all(torch.equal(final[k], expected[k]) for k in expected)

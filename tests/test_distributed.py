@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, cli_env, free_port, main_in_process, run_trainer, tiny_args
+from conftest import REPO, cli_env, free_port, main_in_process, tiny_args
 
 MAX_LR = 0.5
 
@@ -27,19 +27,26 @@ def assert_one_cycle(lrs: list[float]) -> None:
     assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # annealing never stalls
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("limit", [None, 7])
-def test_lr_schedule_ends_exactly_at_the_last_step(run_main, tiny_data, tmp_path, nproc, limit):
-    extra = ["--epochs", "3"] + (["--limit-train-batches", str(limit)] if limit else [])
-    args = tiny_args(tiny_data, tmp_path, *extra)
-    result = run_main(args) if nproc == 1 else run_trainer(args, nproc=nproc)
-    assert result.returncode == 0, result.stderr
-    lrs = read_lrs(tmp_path / "mnist")
-    steps_per_epoch = limit or 1536 // 64 // nproc
+def check_schedule(run, nproc: int, steps_per_epoch: int) -> None:
+    lrs = read_lrs(run)
     assert len(lrs) == 3 * steps_per_epoch
     assert_one_cycle(lrs)
-    rows = [json.loads(line) for line in (tmp_path / "mnist" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == len(lrs) and rows[-1]["num_processes"] == nproc
+
+
+@pytest.mark.parametrize("limit", [None, 7])
+def test_lr_schedule_ends_exactly_at_the_last_step(run_main, tiny_data, tmp_path, limit):
+    extra = ["--epochs", "3"] + (["--limit-train-batches", str(limit)] if limit else [])
+    result = run_main(tiny_args(tiny_data, tmp_path, *extra))
+    assert result.returncode == 0, result.stderr
+    check_schedule(tmp_path / "mnist", 1, limit or 1536 // 64)
+
+
+@pytest.mark.slow
+def test_lr_schedule_ends_exactly_at_the_last_step_on_two_processes(unbroken_2proc):
+    """3 epochs of 12 steps (64 per process, 2 processes); periodic saves do not touch the schedule."""
+    check_schedule(unbroken_2proc, 2, 1536 // 64 // 2)
 
 
 def run_probe(tiny_data, tmp_path, nproc: int, weights=None) -> dict:
@@ -68,6 +75,7 @@ def trained_weights(tiny_data, tmp_path_factory):
 def test_two_processes_count_every_test_image_exactly_once(tiny_data, tmp_path, trained_weights):
     one = run_probe(tiny_data, tmp_path, 1, trained_weights)
     two = run_probe(tiny_data, tmp_path, 2, trained_weights)
+    check_naive_schedule_ends_early(two["naive_lrs"])
     assert two["num_processes"] == 2
     assert one["exact"]["seen"] == two["exact"]["seen"] == 1001
     assert one["exact"]["correct"] == two["exact"]["correct"]
@@ -78,12 +86,9 @@ def test_two_processes_count_every_test_image_exactly_once(tiny_data, tmp_path, 
     assert two["naive"]["seen"] > 1001
 
 
-@pytest.mark.slow
-def test_naively_sized_schedule_ends_early_on_two_processes(tiny_data, tmp_path):
+def check_naive_schedule_ends_early(lrs: list[float]) -> None:
     """The trap the trainer avoids: a OneCycle sized from the per-process loader, stepped by
     accelerate, reaches its final LR halfway and then sits there without an error."""
-    two = run_probe(tiny_data, tmp_path, 2)
-    lrs = two["naive_lrs"]
     halfway = len(lrs) // 2
     assert lrs[halfway + 1] == lrs[-1]  # already at its end: the second half trains at min LR
     with pytest.raises(AssertionError):
@@ -91,11 +96,10 @@ def test_naively_sized_schedule_ends_early_on_two_processes(tiny_data, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_process_run_reports_exact_counts_through_the_cli(tiny_data, tmp_path):
-    result = run_trainer(tiny_args(tiny_data, tmp_path, "--eval-batch-size", "96"), nproc=2)
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in (tmp_path / "mnist" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["valid_seen"] for r in rows] == [1001, 1001]
+def test_two_process_run_reports_exact_counts_through_the_cli(unbroken_2proc):
+    rows = [json.loads(line) for line in (unbroken_2proc / "metrics.jsonl").read_text().splitlines()]
+    assert [r["valid_seen"] for r in rows] == [1001, 1001, 1001]  # eval batches of 128 x 2 do not divide 1001
     assert all(r["train_samples"] == 1536 for r in rows)  # 12 steps x 2 processes x 64
-    assert result.stdout.count("processes: 2") == 1  # only the main process prints
-    assert "/1001" in result.stdout
+    out = (unbroken_2proc / "stdout.txt").read_text()
+    assert out.count("processes: 2") == 1  # only the main process prints
+    assert "/1001" in out

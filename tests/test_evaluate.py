@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_TEST, run_trainer, write_dataset
-from helpers.tiny_run import reset_accelerate, trained_tiny_run
+from conftest import TINY_TEST, reset_accelerate, run_trainer, write_dataset
+from helpers.tiny_run import trained_tiny_run
 
 from trainer import evaluate
 from trainer.data import DATASET_INFO, load_split, to_model_input

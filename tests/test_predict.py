@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TEST
-from helpers.tiny_run import reset_accelerate, trained_tiny_run
+from conftest import TINY_TEST, reset_accelerate
+from helpers.tiny_run import trained_tiny_run
 from PIL import Image, ImageDraw
 
 from trainer import predict

@@ -81,14 +81,6 @@ def test_negative_control_without_data_position_restore(run_main, tiny_data, tmp
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def unbroken_2proc(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("unbroken2")
-    result = run_trainer(tiny_args(tiny_data, out, "--epochs", "3", "--save-every", "5", "--keep-last", "100"), nproc=2)
-    assert result.returncode == 0, result.stderr
-    return out / "mnist"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("step", [12, 15], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_is_bitwise_equal_2proc(tiny_data, tmp_path, unbroken_2proc, step):

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     except RuntimeError as exc:  # torch's refusal of a device string
         return fail(f"--device {args.device}: {_first_line(exc)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail(f"--device {args.device}: no CUDA GPU is available here (the default is cpu)")
     if tuple(loaded.input_shape[1:]) != (SIZE, SIZE):
         return fail(f"{loaded.path}: input shape {loaded.input_shape} is not MNIST's (1, 28, 28)")
     paths, images, failed = [], [], 0

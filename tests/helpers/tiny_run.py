@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import reset_accelerate
+
 
 def trained_tiny_run(data_dir: Path, base: Path) -> Path:
     """The run folder (`step_*` checkpoints, `best`, metrics.jsonl, curves.jsonl) of 2 epochs on `data_dir`."""
@@ -21,14 +23,7 @@ def trained_tiny_run(data_dir: Path, base: Path) -> Path:
             cpu=True,
             progress="plain",
         )
-        Trainer(config).fit()
         reset_accelerate()
+        Trainer(config).fit()
+        reset_accelerate()  # the tests' own Accelerators may use other settings
     return run
-
-
-def reset_accelerate() -> None:
-    """Forgets accelerate's process-wide state, so the next Accelerator may use other settings."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
