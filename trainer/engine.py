@@ -14,7 +14,6 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, TrainConfig
 from trainer.console import Reporter
 from trainer.data import DATASET_INFO, NORMALIZATION, load_split, make_loader, to_model_input
+from trainer.evaluate import EvalResult, evaluate_model
 from trainer.model import build_model
 
 METRICS_NAME = "metrics.jsonl"
@@ -52,18 +52,6 @@ class Stopped(Exception):
     def __init__(self, signum: int, checkpoint: Path) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
         self.signum, self.checkpoint = signum, checkpoint
-
-
-@dataclass
-class EvalResult:
-    correct: int
-    seen: int
-    loss: float  # mean cross-entropy per image
-    confusion: Tensor  # [classes, classes] int64, rows = true class, columns = prediction
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.seen if self.seen else 0.0
 
 
 def make_accelerator(config: TrainConfig):
@@ -301,34 +289,14 @@ class Trainer:
             "curve": {"loss": self._carry_curve + stats[:, :, 0].mean(dim=0).tolist(), "lr": list(self._epoch_lrs)},
         }
 
-    @torch.no_grad()
     def evaluate(self) -> EvalResult:
-        """Exact counts over the test split: every image once, whatever the number of processes.
-
-        accelerate pads the last batches with repeated images so every process gets one; it drops
-        those repeats only from per-sample tensors, so we gather per-sample results, never counts.
-        """
-        cfg, acc = self.config, self.accelerator
+        """Exact counts over the test split (or its first --limit-eval-batches batches per process)."""
+        cfg = self.config
         stop = None
         if cfg.limit_eval_batches is not None:
             stop = min(self.test_size, cfg.limit_eval_batches * self.num_processes * cfg.eval_batch_size)
         self.eval_sampler.set_position(0, 0, stop)
-        self.model.eval()
-        classes = len(self.class_names)
-        confusion = torch.zeros(classes * classes, dtype=torch.int64, device=acc.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-        for images, labels in self.eval_loader:
-            logits = self.model(to_model_input(images, cfg.channels_last)).float()
-            losses = F.cross_entropy(logits, labels, reduction="none")
-            predicted = logits.argmax(dim=1)
-            losses, predicted, labels = acc.gather_for_metrics((losses, predicted, labels))
-            loss_sum += losses.double().sum()
-            confusion += torch.bincount(labels * classes + predicted, minlength=classes * classes)
-        confusion = confusion.view(classes, classes).cpu()
-        seen = int(confusion.sum())
-        return EvalResult(
-            correct=int(confusion.diagonal().sum()), seen=seen, loss=loss_sum.item() / max(seen, 1), confusion=confusion
-        )
+        return evaluate_model(self.accelerator, self.model, self.eval_loader, len(self.class_names), cfg.channels_last)
 
     # ------------------------------------------------------------------ stopping
     def _stop_agreed(self, step: int = 0, force: bool = False) -> bool:

@@ -89,7 +89,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         for record in curves[:-1]:
             ax_loss.axvline(record["last_step"], color="grey", linewidth=0.5, linestyle=":")
     ax_loss.set(title="training loss", xlabel="step", ylabel="cross-entropy")
-    ax_loss.legend()
+    ax_loss.legend(loc="upper right")  # loc="best" searches the data: slow on long runs
     ax_lr.plot(lr_steps, lrs, color="tab:orange")
     ax_lr.set(title="learning rate", xlabel="step", ylabel="LR")
     ax_acc.plot(epochs, train_acc, marker="o", label="train (running, during the epoch)")
@@ -97,7 +97,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     ax_acc.plot(epochs, valid_acc, marker="o", label=f"valid (best {valid_acc[best]:.4f}, epoch {epochs[best]})")
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy")
     ax_acc.xaxis.get_major_locator().set_params(integer=True)
-    ax_acc.legend()
+    ax_acc.legend(loc="lower right")
     fig.suptitle(f"{run_dir.resolve().name}: {len(epochs)} epochs, {steps[-1] if steps else 0} steps")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
