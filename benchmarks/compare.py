@@ -1,0 +1,824 @@
+"""The blog's loop, our Trainer, and a bare PyTorch loop on the Trainer's data path: speed, memory, accuracy.
+
+All contenders run in this one process, on the same data, one after another, in an order that
+rotates every round; each round is a fresh seeded run of `--epochs` epochs (training, then the
+full evaluation). Timings are medians over rounds, ratios are medians of per-round pairs, so a
+machine that slows down for a while moves both sides of a ratio.
+
+Contenders:
+  baseline  the blog's loop (blog_baseline.py): torchvision MNIST through ToTensor/Normalize in a
+            DataLoader, fp32, contiguous, a `.cpu()`/`.item()` host sync every batch.
+  trainer   trainer.Trainer through its public API (Accelerate underneath): `train_epoch()` and
+            `evaluate()` per epoch, as `fit()` runs them, minus the log and checkpoint writes.
+  bare      the Trainer's loop without Accelerate: the same tensor data path (EpochSampler,
+            to_model_input), memory format, precision and per-step bookkeeping, in plain PyTorch.
+            trainer/bare is what the Accelerate layer costs.
+
+Run: python benchmarks/compare.py --data-dir ../shared/data --epochs 1 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import blog_baseline
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch.overrides import TorchFunctionMode
+
+import trainer
+from trainer.config import TrainConfig
+from trainer.data import load_split, make_loader, to_model_input
+from trainer.engine import Trainer
+from trainer.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+SCHEMA_VERSION = 1
+CONTENDERS = ("baseline", "trainer", "bare")
+DESCRIPTIONS = {
+    "baseline": "the blog's loop: torchvision MNIST + ToTensor/Normalize DataLoader, fp32, per-batch host syncs",
+    "trainer": "trainer.Trainer (Accelerate): train_epoch() + evaluate(), no log/checkpoint writes",
+    "bare": "plain PyTorch on the Trainer's data path, precision and memory format, no Accelerate",
+}
+EVAL_BATCH_SIZE = TrainConfig.eval_batch_size  # the Trainer's default, used by the bare loop too
+# Tensor methods that read a value back to the host: on a GPU, each one waits for the device.
+HOST_READS = frozenset({"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"})
+TORCH_DIR = str(Path(torch.__file__).parent)
+WARNINGS_FILE = warnings.__file__
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str
+    device: str
+    epochs: int
+    mixed_precision: str
+    channels_last: bool
+    threads: int
+    seed: int = blog_baseline.SEED
+    batch_size: int = blog_baseline.BATCH_SIZE
+    limit_train_batches: int | None = None  # trainer and bare only (the overhead and census runs)
+    evaluate: bool = True
+
+
+class Interrupted(Exception):
+    """SIGTERM (e.g. from `timeout`): stop and report what is done."""
+
+
+# ---------------------------------------------------------------------- contenders
+class BaselineRun:
+    def __init__(self, s: Settings, out_dir: str) -> None:
+        self.run = blog_baseline.BlogRun(s.data_dir, s.epochs, torch.device(s.device), seed=s.seed)
+
+    def train_epoch(self, max_steps: int | None = None) -> dict[str, Any]:
+        return self.run.train_epoch(max_steps)
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.run.evaluate()
+
+    def end_epoch(self) -> None:
+        pass
+
+
+class TrainerRun:
+    def __init__(self, s: Settings, out_dir: str) -> None:
+        from accelerate.state import AcceleratorState, GradientState
+
+        # Each contender gets a fresh Accelerator; accelerate keeps its state in class-level singletons.
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        config = TrainConfig(
+            data_dir=s.data_dir,
+            output_dir=out_dir,
+            epochs=s.epochs,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            limit_train_batches=s.limit_train_batches,
+            cpu=s.device == "cpu",
+            mixed_precision=s.mixed_precision,
+            channels_last=s.channels_last,
+            progress="plain",
+        )
+        self.trainer = Trainer(config)
+
+    def train_epoch(self, max_steps: int | None = None) -> dict[str, Any]:
+        r = self.trainer.train_epoch()
+        return {"loss": r["loss"], "acc": r["acc"], "samples": r["samples"]}
+
+    def evaluate(self) -> dict[str, Any]:
+        v = self.trainer.evaluate()
+        return {"acc": v.accuracy, "correct": v.correct, "seen": v.seen, "loss": v.loss}
+
+    def end_epoch(self) -> None:
+        # What fit() does between epochs, the metrics and checkpoint writes aside.
+        self.trainer.epoch += 1
+        self.trainer.samples_in_epoch = 0
+
+
+class BareRun:
+    """The Trainer's loop line for line, with plain PyTorch where it calls Accelerate."""
+
+    def __init__(self, s: Settings, out_dir: str) -> None:
+        self.s = s
+        self.device = dev = torch.device(s.device)
+        random.seed(s.seed)
+        torch.manual_seed(s.seed)  # as accelerate's set_seed: the same initial weights as the Trainer's
+        torch.cuda.manual_seed_all(s.seed)
+        train = load_split("mnist", s.data_dir, train=True)
+        test = load_split("mnist", s.data_dir, train=False)
+        self.train_loader = make_loader(train, s.batch_size, train=True, seed=s.seed, device=dev)
+        self.eval_loader = make_loader(test, EVAL_BATCH_SIZE, train=False, seed=s.seed, device=dev)
+        model = build_model("blog_resnet")
+        if s.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(dev)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=blog_baseline.LR, momentum=blog_baseline.MOMENTUM)
+        n = len(train.labels)
+        self.stop = None if s.limit_train_batches is None else min(n, s.limit_train_batches * s.batch_size)
+        self.train_loader.sampler.set_position(0, 0, self.stop)
+        self.steps_per_epoch = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=blog_baseline.LR, total_steps=max(self.steps_per_epoch * s.epochs, 2)
+        )
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.mixed_precision)
+        self.scaler = torch.amp.GradScaler(dev.type) if self.amp_dtype is torch.float16 else None
+        self.epoch = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def train_epoch(self, max_steps: int | None = None) -> dict[str, Any]:
+        cl, opt = self.s.channels_last, self.optimizer
+        self.train_loader.sampler.set_position(self.epoch, 0, self.stop)
+        stats = torch.zeros(self.steps_per_epoch, 2, device=self.device)
+        lrs = []
+        self.model.train()
+        for i, (images, labels) in enumerate(self.train_loader):
+            with self._autocast():
+                logits = self.model(to_model_input(images, cl))
+            if self.amp_dtype is not None:
+                logits = logits.float()  # accelerate returns fp32 outputs under mixed precision
+            loss = F.cross_entropy(logits, labels)
+            lrs.append(opt.param_groups[0]["lr"])
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            stats[i, 0] = loss.detach()
+            stats[i, 1] = (logits.detach().argmax(dim=1) == labels).sum()
+        host = stats.to("cpu", torch.float64)  # the epoch's one sync, as in the Trainer
+        samples = host.shape[0] * self.s.batch_size
+        return {"loss": host[:, 0].mean().item(), "acc": host[:, 1].sum().item() / samples, "samples": samples}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        cl, classes = self.s.channels_last, 10
+        self.model.eval()
+        confusion = torch.zeros(classes * classes, dtype=torch.int64, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for images, labels in self.eval_loader:
+            with self._autocast():
+                logits = self.model(to_model_input(images, cl))
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="none").double().sum()
+            confusion += torch.bincount(labels * classes + logits.argmax(dim=1), minlength=classes * classes)
+        confusion = confusion.view(classes, classes).cpu()
+        seen = int(confusion.sum())
+        correct = int(confusion.diagonal().sum())
+        return {"acc": correct / seen, "correct": correct, "seen": seen, "loss": loss_sum.item() / seen}
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+
+
+FACTORIES: dict[str, Callable[[Settings, str], Any]] = {
+    "baseline": BaselineRun,
+    "trainer": TrainerRun,
+    "bare": BareRun,
+}
+
+
+# ---------------------------------------------------------------------- measuring
+class Stopwatch:
+    """Wall seconds of a block (on CUDA timed with events, and waited for at the end), and the
+    process's CPU seconds in it: on a busy machine the CPU time still says how much work was done."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.seconds = self.cpu_seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            self.seconds = self.start.elapsed_time(end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = time.process_time() - self.cpu0
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _trim_heap() -> None:
+    """Returns freed heap to the OS (glibc), so one contender's garbage does not hide the next one's growth."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class MemoryWatch:
+    """Peak growth of resident host memory (polled) and of allocated CUDA memory while a block runs."""
+
+    def __init__(self, device: str, interval_s: float = 0.02) -> None:
+        self.cuda, self.interval_s = device == "cuda", interval_s
+        self.rss_mib = 0.0
+        self.cuda_mib: float | None = None
+
+    def __enter__(self) -> MemoryWatch:
+        gc.collect()
+        _trim_heap()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.cuda_start = torch.cuda.memory_allocated()
+        self.start = self.peak = _rss_bytes()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.rss_mib = (self.peak - self.start) / 2**20
+        if self.cuda:
+            self.cuda_mib = (torch.cuda.max_memory_allocated() - self.cuda_start) / 2**20
+
+
+def run_contender(name: str, s: Settings, log: Callable[[str], None], result: dict[str, Any]) -> None:
+    """One fresh, seeded run of `s.epochs` epochs, recorded into `result` as it goes (so a stop keeps it)."""
+    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.set_num_threads(s.threads)
+    result.update(complete=False, setup_s=None, peak_rss_mib=None, peak_cuda_mib=None, threads=None, epochs=[])
+    memory = MemoryWatch(s.device)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as out_dir, memory:
+            t0 = time.perf_counter()
+            run = FACTORIES[name](s, out_dir)
+            result["setup_s"] = time.perf_counter() - t0
+            result["threads"] = torch.get_num_threads()
+            if result["threads"] != s.threads:
+                log(f"  warning: {name} changed torch's thread count to {result['threads']}")
+            for epoch in range(1, s.epochs + 1):
+                with Stopwatch(s.device) as train_watch:
+                    train = run.train_epoch()
+                valid: dict[str, Any] = {}
+                eval_watch = Stopwatch(s.device)
+                if s.evaluate:
+                    with eval_watch:
+                        valid = run.evaluate()
+                run.end_epoch()
+                record = {
+                    "epoch": epoch,
+                    "train_s": train_watch.seconds,
+                    "eval_s": eval_watch.seconds,
+                    "epoch_s": train_watch.seconds + eval_watch.seconds,
+                    "train_cpu_s": train_watch.cpu_seconds,
+                    "eval_cpu_s": eval_watch.cpu_seconds,
+                    "train_samples": train["samples"],
+                    "train_samples_per_s": train["samples"] / train_watch.seconds,
+                    "step_ms": 1000 * train_watch.seconds / (train["samples"] // s.batch_size),
+                    "train_loss": train["loss"],
+                    "train_acc": train["acc"],
+                    "valid_acc": valid.get("acc"),
+                    "valid_correct": valid.get("correct"),
+                    "valid_seen": valid.get("seen"),
+                }
+                result["epochs"].append(record)
+                valid_text = f", eval {eval_watch.seconds:.2f} s, valid acc {valid['acc']:.4f}" if valid else ""
+                log(
+                    f"  {name:8s} epoch {epoch}: train {train_watch.seconds:.2f} s "
+                    f"({record['train_samples_per_s']:,.0f} samples/s, {record['step_ms']:.2f} ms/step){valid_text}"
+                )
+            del run
+        result["complete"] = True
+    finally:
+        result["peak_rss_mib"], result["peak_cuda_mib"] = memory.rss_mib, memory.cuda_mib
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+        gc.collect()
+        if s.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def warm_up(s: Settings, steps: int = 3) -> None:
+    """First calls pay for kernel selection and lazy initialisation: pay it here, for every contender's setup."""
+    dev = torch.device(s.device)
+    combos = {(False, None), (s.channels_last, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.mixed_precision))}
+    for channels_last, dtype in combos:
+        model = build_model("blog_resnet").to(dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(steps):
+            x = torch.rand(s.batch_size, 1, 28, 28, device=dev)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            ctx = contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
+            with ctx:
+                loss = F.cross_entropy(model(x).float(), torch.randint(0, 10, (s.batch_size,), device=dev))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    if s.device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------- host-sync census
+class CallCensus(TorchFunctionMode):
+    """Counts torch calls made from outside torch, by (name, caller file:line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", None) or repr(func)
+        self.counts[(name, _caller())] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _caller(depth: int = 2) -> str:
+    """file:line of the first frame `depth` up from here that is not inside torch or the warnings module."""
+    frame = sys._getframe(depth)
+    while frame is not None and frame.f_code.co_filename.startswith((TORCH_DIR, WARNINGS_FILE)):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    parts = Path(frame.f_code.co_filename).parts
+    short = "/".join(parts[parts.index("site-packages") + 1 :]) if "site-packages" in parts else "/".join(parts[-2:])
+    return f"{short}:{frame.f_lineno}"
+
+
+def _cuda_syncs(fn: Callable[[], Any]) -> Counter[str]:
+    """Runs `fn` under torch.cuda.set_sync_debug_mode("warn"); counts the synchronising calls by caller line."""
+    found: Counter[str] = Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message).lower():
+            found[_caller(2)] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return found
+
+
+def sync_census(s: Settings, steps: int) -> dict[str, Any]:
+    """Per training step: host reads (and, on CUDA, operations that synchronise) of each contender.
+
+    Torch calls are counted with a TorchFunctionMode over `steps` training steps; a call made at
+    least once per step is part of the hot loop. On CUDA the same steps also run under
+    `torch.cuda.set_sync_debug_mode("warn")`, which names every synchronising operation.
+    """
+    result: dict[str, Any] = {"steps": steps}
+    for name in CONTENDERS:
+        # Three epochs' worth of schedule: a warm epoch, the counted one, and the CUDA sync-debug one.
+        cs = replace(s, epochs=3, limit_train_batches=steps, evaluate=False)
+        torch.set_num_threads(s.threads)
+        with tempfile.TemporaryDirectory(prefix="bench-") as out_dir:
+            run = FACTORIES[name](cs, out_dir)
+            run.train_epoch(max_steps=steps)  # warm: the first epoch's iterator setup is not per step
+            run.end_epoch()
+            census = CallCensus()
+            with census:
+                run.train_epoch(max_steps=steps)
+            by_name: Counter[str] = Counter()
+            for (n, _), c in census.counts.items():
+                by_name[n] += c
+            entry: dict[str, Any] = {
+                "calls_per_step": sum(census.counts.values()) / steps,
+                "host_reads_per_step": sum(c for n, c in by_name.items() if n in HOST_READS) / steps,
+                "host_reads": {f"{n} @ {w}": c / steps for (n, w), c in census.counts.items() if n in HOST_READS},
+                "calls_by_name_per_step": {n: c / steps for n, c in sorted(by_name.items())},
+                "calls_by_line_per_step": {f"{n} @ {w}": c / steps for (n, w), c in sorted(census.counts.items())},
+            }
+            if s.device == "cuda":
+                run.end_epoch()
+                syncs = _cuda_syncs(lambda run=run: run.train_epoch(max_steps=steps))
+                entry["cuda_syncs_per_step"] = sum(syncs.values()) / steps
+                entry["cuda_syncs_by_line"] = {w: c / steps for w, c in syncs.most_common()}
+            result[name] = entry
+            del run
+        gc.collect()
+    return result
+
+
+# ---------------------------------------------------------------------- summary and output
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians per contender over all its epochs (rounds for setup and memory); ratios as medians of round pairs."""
+    summary: dict[str, Any] = {}
+    results = {name: [r for r in rounds if r.get("epochs")] for name, rounds in results.items()}
+    for name, rounds in results.items():
+        if not rounds:
+            continue
+        epochs = [e for r in rounds for e in r["epochs"]]
+        last = rounds[-1]["epochs"][-1]
+        finals = sorted({r["epochs"][-1]["valid_acc"] for r in rounds if r["epochs"][-1]["valid_acc"] is not None})
+        summary[name] = {
+            "rounds": len(rounds),
+            "setup_s": _median([r["setup_s"] for r in rounds]),
+            "train_s": _median([e["train_s"] for e in epochs]),
+            "eval_s": _median([e["eval_s"] for e in epochs]),
+            "epoch_s": _median([e["epoch_s"] for e in epochs]),
+            "train_cpu_s": _median([e.get("train_cpu_s") for e in epochs]),
+            "step_ms": _median([e["step_ms"] for e in epochs]),
+            "train_samples_per_s": _median([e["train_samples_per_s"] for e in epochs]),
+            "peak_rss_mib": _median([r["peak_rss_mib"] for r in rounds]),
+            "peak_cuda_mib": _median([r["peak_cuda_mib"] for r in rounds]),
+            "final_train_acc": last["train_acc"],
+            "final_valid_acc": last["valid_acc"],
+            "final_valid_correct": last["valid_correct"],
+            "final_valid_seen": last["valid_seen"],
+            "final_valid_acc_range": [finals[0], finals[-1]] if finals else None,
+        }
+    ratios: dict[str, Any] = {}
+    for a, b, key, label in (
+        ("trainer", "baseline", "epoch_s", "trainer_over_baseline_epoch_s"),
+        ("bare", "baseline", "epoch_s", "bare_over_baseline_epoch_s"),
+        ("trainer", "baseline", "train_s", "trainer_over_baseline_train_s"),
+        ("trainer", "bare", "train_s", "trainer_over_bare_step_loop"),
+        ("trainer", "bare", "train_cpu_s", "trainer_over_bare_step_loop_cpu"),
+        ("trainer", "bare", "eval_s", "trainer_over_bare_eval"),
+    ):
+        runs_a = {r["round"]: r for r in results.get(a, [])}
+        runs_b = {r["round"]: r for r in results.get(b, [])}
+        pairs = [
+            statistics.fmean(e[key] for e in runs_a[k]["epochs"])
+            / statistics.fmean(e[key] for e in runs_b[k]["epochs"])
+            for k in sorted(runs_a.keys() & runs_b.keys())
+            if all(e.get(key, 0) > 0 for e in runs_a[k]["epochs"] + runs_b[k]["epochs"])
+        ]
+        if pairs:
+            ratios[label] = {"median": statistics.median(pairs), "per_round": pairs}
+    summary["ratios"] = ratios
+    return summary
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    """The table, the ratios and the optional checks' results of a report (fresh, or read back from its JSON)."""
+    settings, summary = report["settings"], summarise(report["runs"])
+    done = max((row["rounds"] for name, row in summary.items() if name != "ratios"), default=0)
+    title = f"MNIST, {settings['epochs']} epoch(s) per round, medians of {done} round(s)"
+    if not report.get("complete", True):
+        title += " (interrupted: partial)"
+    print_table(console, summary, settings["device"], title)
+    overhead = report.get("overhead", {})
+    if "summary" in overhead:
+        o = overhead["summary"]
+        ratio = o["ratios"].get("trainer_over_bare_step_loop", {}).get("median")
+        trainer_ms, bare_ms = (_fmt(o.get(n, {}).get("step_ms"), ".3f") for n in ("trainer", "bare"))
+        console.print(
+            f"per-step overhead at batch {overhead['batch_size']}: trainer {trainer_ms} ms/step, "
+            f"bare {bare_ms} ms/step, trainer / bare {_fmt(ratio, '.3f')}"
+        )
+    if "sync_check" in report:
+        print_census(console, report["sync_check"])
+
+
+def print_table(console: Console, summary: dict[str, Any], device: str, title: str) -> None:
+    cuda = device == "cuda"
+    table = Table(title=title, title_justify="left")
+    headers = ["contender", "setup s", "train s/epoch", "train CPU s", "eval s/epoch", "epoch s", "train samples/s"]
+    headers += ["ms/step"]
+    headers += ["x baseline (epoch s)", "peak RSS +MiB"] + (["peak CUDA MiB"] if cuda else [])
+    headers += ["final train acc", "final valid acc", "valid correct/seen"]
+    for h in headers:
+        table.add_column(h, justify="left" if h == "contender" else "right")
+    ratios = summary.get("ratios", {})
+    for name in CONTENDERS:
+        row = summary.get(name)
+        if row is None:
+            continue
+        vs = 1.0 if name == "baseline" else ratios.get(f"{name}_over_baseline_epoch_s", {}).get("median")
+        seen = "-" if row["final_valid_seen"] is None else f"{row['final_valid_correct']}/{row['final_valid_seen']}"
+        cells = [
+            name,
+            _fmt(row["setup_s"], ".2f"),
+            _fmt(row["train_s"], ".2f"),
+            _fmt(row["train_cpu_s"], ".2f"),
+            _fmt(row["eval_s"], ".2f"),
+            _fmt(row["epoch_s"], ".2f"),
+            _fmt(row["train_samples_per_s"], ",.0f"),
+            _fmt(row["step_ms"], ".2f"),
+            _fmt(vs, ".3f"),
+            _fmt(row["peak_rss_mib"], ".0f"),
+        ]
+        cells += [_fmt(row["peak_cuda_mib"], ".1f")] if cuda else []
+        cells += [_fmt(row["final_train_acc"], ".4f"), _fmt(row["final_valid_acc"], ".4f"), seen]
+        table.add_row(*cells)
+    console.print(table)
+    for label, text in (
+        ("trainer_over_baseline_epoch_s", "trainer / baseline, seconds per epoch (train + eval)"),
+        ("trainer_over_baseline_train_s", "trainer / baseline, training seconds per epoch"),
+        ("trainer_over_bare_step_loop", "trainer / bare, training step loop (Accelerate's cost; target <= 1.05)"),
+        ("trainer_over_bare_step_loop_cpu", "trainer / bare, process CPU seconds of the training step loop"),
+        ("trainer_over_bare_eval", "trainer / bare, evaluation"),
+    ):
+        if label in ratios:
+            r = ratios[label]
+            rounds = ", ".join(f"{v:.3f}" for v in r["per_round"])
+            console.print(f"{text}: [bold]{r['median']:.3f}[/] (per round: {rounds})")
+
+
+def print_census(console: Console, census: dict[str, Any]) -> None:
+    steps = census["steps"]
+    console.print(f"[bold]host reads (and CUDA syncs) per training step[/], counted over {steps} steps:")
+    for name in CONTENDERS:
+        entry = census.get(name)
+        if entry is None:
+            continue
+        reads = ", ".join(f"{where} {n:.2f}" for where, n in sorted(entry["host_reads"].items()))
+        console.print(f"  {name}: {entry['host_reads_per_step']:.2f} ({reads or 'none'})", highlight=False)
+        if "cuda_syncs_per_step" in entry:
+            syncs = ", ".join(f"{where} {n:.2f}" for where, n in entry["cuda_syncs_by_line"].items())
+            console.print(f"    CUDA syncs: {entry['cuda_syncs_per_step']:.2f} ({syncs or 'none'})", highlight=False)
+    if "trainer" in census and "bare" in census:
+        t, b = census["trainer"], census["bare"]
+        console.print(
+            f"[bold]torch calls per step[/]: trainer {t['calls_per_step']:.1f}, bare {b['calls_per_step']:.1f}; "
+            "the trainer's extra ones:"
+        )
+        names = t["calls_by_name_per_step"].keys() | b["calls_by_name_per_step"].keys()
+        for n in sorted(names):
+            extra = t["calls_by_name_per_step"].get(n, 0.0) - b["calls_by_name_per_step"].get(n, 0.0)
+            if abs(extra) >= 0.5:
+                where = sorted(
+                    w.split(" @ ", 1)[1]
+                    for w, c in t["calls_by_line_per_step"].items()
+                    if w.startswith(f"{n} @ ") and c >= 0.5 and "benchmarks/" not in w
+                )
+                console.print(f"    {extra:+6.2f} x {n:<16s} {', '.join(where)}", highlight=False)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import accelerate
+    import torchvision
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "trainer": trainer.__version__,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return info
+
+
+def default_json_path() -> Path:
+    return RESULTS_DIR / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time the blog's loop, the Trainer and a bare loop on the Trainer's data path, in one process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"), help="folder with MNIST/raw/")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="trainer and bare")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="trainer and bare")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per round (each round is a fresh run)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the contenders' order rotates each round")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, for all")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset to run")
+    parser.add_argument("--json", type=Path, default=None, help="result file (default: benchmarks/results/<time>.json)")
+    parser.add_argument("--show", type=Path, default=None, metavar="JSON", help="print a saved result's table and exit")
+    parser.add_argument(
+        "--overhead",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also time trainer vs bare for STEPS steps at --overhead-batch, where per-step overhead shows",
+    )
+    parser.add_argument("--overhead-batch", type=int, default=32)
+    parser.add_argument(
+        "--sync-check",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also count each contender's per-step host reads (and CUDA syncs) over STEPS steps",
+    )
+    args = parser.parse_args(argv)
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    if args.show is not None:
+        return args
+    if unknown := set(args.contenders) - set(CONTENDERS):
+        parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONTENDERS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if args.device == "cpu" and args.mixed_precision == "fp16":
+        parser.error("fp16 mixed precision needs a GPU; on the CPU use --mixed-precision bf16 or no")
+    if args.epochs < 1 or args.rounds < 1 or args.threads < 1:
+        parser.error("--epochs, --rounds and --threads must be at least 1")
+    if not (Path(args.data_dir) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        parser.error(f"no MNIST in {args.data_dir}: expected {args.data_dir}/MNIST/raw/*-ubyte (the four IDX files)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Not a terminal (a log file, CI): wide enough for the table instead of rich's 80 columns.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
+
+    def log(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)
+
+    if args.show is not None:
+        print_report(console, json.loads(args.show.read_text()))
+        return 0
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    os.environ.setdefault("TRAINER_OFFLINE", "1")  # never try a download in the middle of a timing
+    torch.set_num_threads(args.threads)
+    s = Settings(
+        data_dir=args.data_dir,
+        device=args.device,
+        epochs=args.epochs,
+        mixed_precision=args.mixed_precision,
+        channels_last=args.channels_last,
+        threads=args.threads,
+    )
+    json_path = args.json or default_json_path()
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "complete": False,
+        "machine": machine_info(args.device),
+        "settings": {**asdict(s), "rounds": args.rounds, "contenders": args.contenders},
+        "contenders": {name: DESCRIPTIONS[name] for name in args.contenders},
+        "runs": {name: [] for name in args.contenders},
+    }
+
+    def save() -> None:
+        report["summary"] = summarise(report["runs"])
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    m = report["machine"]
+    log(
+        f"device {args.device}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['cpus_usable']} CPUs, "
+        f"{args.threads} torch threads, torch {m['torch']}, accelerate {m['accelerate']}, "
+        f"precision {args.mixed_precision}, channels_last {args.channels_last}, "
+        f"{args.epochs} epoch(s) x {args.rounds} round(s)"
+    )
+    status = 0
+    try:
+        with Stopwatch(args.device) as watch:
+            warm_up(s)
+        log(f"warm-up {watch.seconds:.1f} s")
+        for r in range(args.rounds):
+            order = args.contenders[r % len(args.contenders) :] + args.contenders[: r % len(args.contenders)]
+            log(f"round {r + 1}/{args.rounds}: {', '.join(order)}")
+            for name in order:
+                report["runs"][name].append(result := {"round": r + 1, "position": order.index(name)})
+                run_contender(name, s, log, result)
+                save()
+        if args.overhead:
+            small = replace(s, batch_size=args.overhead_batch, limit_train_batches=args.overhead, evaluate=False)
+            overhead_runs: dict[str, list[dict[str, Any]]] = {"trainer": [], "bare": []}
+            report["overhead"] = {"batch_size": args.overhead_batch, "steps": args.overhead, "runs": overhead_runs}
+            log(f"overhead: {args.overhead} steps at batch {args.overhead_batch}, trainer vs bare")
+            for r in range(args.rounds):
+                for name in ("trainer", "bare") if r % 2 == 0 else ("bare", "trainer"):
+                    overhead_runs[name].append(result := {"round": r + 1})
+                    run_contender(name, small, log, result)
+            report["overhead"]["summary"] = summarise(overhead_runs)
+            save()
+        if args.sync_check:
+            log(f"sync check: {args.sync_check} steps per contender")
+            report["sync_check"] = sync_census(s, args.sync_check)
+            save()
+        report["complete"] = True
+    except (KeyboardInterrupt, Interrupted) as exc:
+        log(f"[bold red]interrupted ({exc or 'Ctrl-C'}): the results below are partial[/]")
+        status = 130
+    finally:
+        if hasattr(os, "getloadavg"):
+            report["machine"]["load_average_at_end"] = list(os.getloadavg())
+        save()
+    print_report(console, report)
+    log(f"results: {json_path}")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
