@@ -67,8 +67,10 @@ DESCRIPTIONS = {
 EVAL_BATCH_SIZE = TrainConfig.eval_batch_size  # the Trainer's default, used by the bare loop too
 # Tensor methods that read a value back to the host: on a GPU, each one waits for the device.
 HOST_READS = frozenset({"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"})
-TORCH_DIR = str(Path(torch.__file__).parent)
+TORCH_DIR = str(Path(torch.__file__).parent) + os.sep
 WARNINGS_FILE = warnings.__file__
+# Code that trainer and bare both run: the census does not list it as where the trainer's extra calls come from.
+SHARED_CODE = ("trainer/data.py", "trainer/model.py", "benchmarks/")
 
 
 @dataclass(frozen=True)
@@ -390,15 +392,20 @@ def warm_up(s: Settings, steps: int = 3) -> None:
 
 # ---------------------------------------------------------------------- host-sync census
 class CallCensus(TorchFunctionMode):
-    """Counts torch calls made from outside torch, by (name, caller file:line)."""
+    """Counts torch calls made from outside torch, by (name, caller file:line); host reads also by the
+    device of the tensor read (a read of a CUDA tensor waits for the GPU, one of a CPU tensor does not)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.reads: Counter[tuple[str, str, str]] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", None) or repr(func)
-        self.counts[(name, _caller())] += 1
+        where = _caller()
+        self.counts[(name, where)] += 1
+        if name in HOST_READS and args and isinstance(args[0], torch.Tensor):
+            self.reads[(name, where, args[0].device.type)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -434,15 +441,17 @@ def _cuda_syncs(fn: Callable[[], Any]) -> Counter[str]:
     return found
 
 
-def sync_census(s: Settings, steps: int) -> dict[str, Any]:
+def sync_census(s: Settings, steps: int, contenders: list[str]) -> dict[str, Any]:
     """Per training step: host reads (and, on CUDA, operations that synchronise) of each contender.
 
     Torch calls are counted with a TorchFunctionMode over `steps` training steps; a call made at
-    least once per step is part of the hot loop. On CUDA the same steps also run under
+    least once per step is part of the hot loop. Host reads count when they read a tensor on the
+    training device (on a CPU run: any tensor, except in torchvision's per-image decoding, which
+    reads host tensors whatever the device). On CUDA the same steps also run under
     `torch.cuda.set_sync_debug_mode("warn")`, which names every synchronising operation.
     """
     result: dict[str, Any] = {"steps": steps}
-    for name in CONTENDERS:
+    for name in contenders:
         # Three epochs' worth of schedule: a warm epoch, the counted one, and the CUDA sync-debug one.
         cs = replace(s, epochs=3, limit_train_batches=steps, evaluate=False)
         torch.set_num_threads(s.threads)
@@ -452,22 +461,28 @@ def sync_census(s: Settings, steps: int) -> dict[str, Any]:
             run.end_epoch()
             census = CallCensus()
             with census:
-                run.train_epoch(max_steps=steps)
+                done = run.train_epoch(max_steps=steps)["samples"] // cs.batch_size  # fewer on a tiny data set
             by_name: Counter[str] = Counter()
             for (n, _), c in census.counts.items():
                 by_name[n] += c
+            reads = {
+                f"{n} @ {w}": c / done
+                for (n, w, device), c in census.reads.items()
+                if device == s.device and not w.startswith("torchvision/")
+            }
             entry: dict[str, Any] = {
-                "calls_per_step": sum(census.counts.values()) / steps,
-                "host_reads_per_step": sum(c for n, c in by_name.items() if n in HOST_READS) / steps,
-                "host_reads": {f"{n} @ {w}": c / steps for (n, w), c in census.counts.items() if n in HOST_READS},
-                "calls_by_name_per_step": {n: c / steps for n, c in sorted(by_name.items())},
-                "calls_by_line_per_step": {f"{n} @ {w}": c / steps for (n, w), c in sorted(census.counts.items())},
+                "steps": done,
+                "calls_per_step": sum(census.counts.values()) / done,
+                "host_reads_per_step": sum(reads.values()),
+                "host_reads": reads,
+                "calls_by_name_per_step": {n: c / done for n, c in sorted(by_name.items())},
+                "calls_by_line_per_step": {f"{n} @ {w}": c / done for (n, w), c in sorted(census.counts.items())},
             }
             if s.device == "cuda":
                 run.end_epoch()
                 syncs = _cuda_syncs(lambda run=run: run.train_epoch(max_steps=steps))
-                entry["cuda_syncs_per_step"] = sum(syncs.values()) / steps
-                entry["cuda_syncs_by_line"] = {w: c / steps for w, c in syncs.most_common()}
+                entry["cuda_syncs_per_step"] = sum(syncs.values()) / done
+                entry["cuda_syncs_by_line"] = {w: c / done for w, c in syncs.most_common()}
             result[name] = entry
             del run
         gc.collect()
@@ -601,8 +616,9 @@ def print_table(console: Console, summary: dict[str, Any], device: str, title: s
 
 
 def print_census(console: Console, census: dict[str, Any]) -> None:
-    steps = census["steps"]
-    console.print(f"[bold]host reads (and CUDA syncs) per training step[/], counted over {steps} steps:")
+    console.print(
+        f"[bold]host reads (and CUDA syncs) per training step[/], counted over up to {census['steps']} steps:"
+    )
     for name in CONTENDERS:
         entry = census.get(name)
         if entry is None:
@@ -622,11 +638,8 @@ def print_census(console: Console, census: dict[str, Any]) -> None:
         for n in sorted(names):
             extra = t["calls_by_name_per_step"].get(n, 0.0) - b["calls_by_name_per_step"].get(n, 0.0)
             if abs(extra) >= 0.5:
-                where = sorted(
-                    w.split(" @ ", 1)[1]
-                    for w, c in t["calls_by_line_per_step"].items()
-                    if w.startswith(f"{n} @ ") and c >= 0.5 and "benchmarks/" not in w
-                )
+                lines = (key.split(" @ ", 1) for key in t["calls_by_line_per_step"])
+                where = sorted(w for call, w in lines if call == n and not w.startswith(SHARED_CODE))
                 console.print(f"    {extra:+6.2f} x {n:<16s} {', '.join(where)}", highlight=False)
 
 
@@ -805,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if args.sync_check:
             log(f"sync check: {args.sync_check} steps per contender")
-            report["sync_check"] = sync_census(s, args.sync_check)
+            report["sync_check"] = sync_census(s, args.sync_check, args.contenders)
             save()
         report["complete"] = True
     except (KeyboardInterrupt, Interrupted) as exc:

@@ -381,7 +381,11 @@ class Trainer:
     def _save(self, best_candidate: bool) -> None:
         """Every process calls this: gathers what only it knows, the main process writes, all wait."""
         acc = self.accelerator
-        rng = {k: acc.gather(v.to(acc.device).unsqueeze(0)).cpu() for k, v in _rng_state().items()}
+        # uint8 states travel as int64: gloo's gather returned invalid uint8 rows for process 1 here.
+        rng = {
+            k: acc.gather(v.to(acc.device, torch.int64 if v.dtype == torch.uint8 else v.dtype).unsqueeze(0)).cpu()
+            for k, v in _rng_state().items()
+        }
         progress = {}
         if self.samples_in_epoch:  # mid-epoch: the interrupted epoch's per-step stats of every process
             progress["epoch_stats"] = acc.gather(self._stats[: self._stats_filled].unsqueeze(0)).cpu()
