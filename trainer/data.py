@@ -93,14 +93,15 @@ def _download(dataset: str, data_dir: str | os.PathLike, folder: Path) -> None:
     try:
         getattr(tvd, DATASET_INFO[dataset][0])(root=str(data_dir), train=True, download=True)
     except (RuntimeError, OSError) as exc:  # torchvision reports failed downloads as RuntimeError
-        raise DataError(_missing_message(dataset, folder) + f" (download failed: {_first_line(exc)})") from None
+        raise DataError(_missing_message(dataset, folder) + f" (download failed: {first_line(exc)})") from None
 
 
 def _missing_message(dataset: str, folder: Path) -> str:
     return f"{dataset} data not found and not downloadable: put the four IDX files ({', '.join(IDX_FILES)}) in {folder}"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for one-line user errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -207,8 +207,7 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Trains until `config.epochs` epochs are done; returns the per-epoch metrics records."""
         self._announce()
-        with _StopSignals(self) as signals:
-            self._signals = signals
+        with _StopSignals(self):
             while self.epoch < self.config.epochs:
                 train = self.train_epoch()
                 if train is None:  # stopped mid-epoch; a checkpoint was written

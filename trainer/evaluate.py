@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from trainer import checkpoint as ckpt
 from trainer.config import PRECISIONS, ConfigError, TrainConfig
-from trainer.data import DATASET_INFO, NORMALIZATION, load_split, make_loader
+from trainer.data import DATASET_INFO, NORMALIZATION, first_line, load_split, make_loader
 from trainer.model import MODELS, build_model
 
 
@@ -86,7 +86,7 @@ def load_model(checkpoint: str | os.PathLike) -> LoadedModel:
             meta = st.metadata() or {}
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ckpt.CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+        raise ckpt.CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
     architecture, dataset = meta.get("architecture"), meta.get("dataset")
     if architecture not in MODELS:
         raise ckpt.CheckpointError(f"{path}: unknown architecture {architecture!r} (known: {', '.join(MODELS)})")
@@ -102,7 +102,7 @@ def load_model(checkpoint: str | os.PathLike) -> LoadedModel:
         step = int(meta["step"]) if meta.get("step") else None
         epoch = int(meta["epoch"]) if meta.get("epoch") else None
     except (ValueError, TypeError, AttributeError) as exc:
-        raise ckpt.CheckpointError(f"{path}: unreadable metadata ({_first_line(exc)})") from None
+        raise ckpt.CheckpointError(f"{path}: unreadable metadata ({first_line(exc)})") from None
     if len(class_names) != num_classes:
         raise ckpt.CheckpointError(f"{path}: {len(class_names)} class names for {num_classes} classes")
     if normalization["divide_by"] <= 0 or normalization["std"] <= 0:
@@ -112,7 +112,7 @@ def load_model(checkpoint: str | os.PathLike) -> LoadedModel:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ckpt.CheckpointError(
-            f"{path} does not fit a {architecture} with {num_classes} classes: {_first_line(exc)}"
+            f"{path} does not fit a {architecture} with {num_classes} classes: {first_line(exc)}"
         ) from None
     model.eval()
     return LoadedModel(model, path, architecture, dataset, class_names, normalization, input_shape, step, epoch)
@@ -324,11 +324,6 @@ def _run(args: argparse.Namespace) -> int:
             except OSError as exc:
                 return fail(f"cannot write --json {args.json}: {exc}")
     return 0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.checkpoint import CheckpointError
+from trainer.data import first_line
 
 # MNIST's recipe: the digit fits in a BOX x BOX square, centred by mass in the SIZE x SIZE image.
 SIZE, BOX = 28, 20
@@ -52,7 +53,7 @@ def read_grey(path: str | os.PathLike) -> Tensor:
         raise ImageError(f"{path}: no such file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # OSError covers unidentifiable, truncated and unreadable files (and folders).
-        raise ImageError(f"{path}: cannot read the image ({_first_line(exc)})") from None
+        raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
     return torch.from_numpy(np.array(grey, dtype=np.float32))
 
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         return fail(str(exc))
     except RuntimeError as exc:  # torch's refusal of a device string
-        return fail(f"--device {args.device}: {_first_line(exc)}")
+        return fail(f"--device {args.device}: {first_line(exc)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         return fail(f"--device {args.device}: no CUDA GPU is available here (the default is cpu)")
     if tuple(loaded.input_shape[1:]) != (SIZE, SIZE):
@@ -196,11 +197,6 @@ def _print_table(results: list[dict[str, Any]], show_top: bool, class_names: tup
             cells.append(", ".join(f"{label(t)}: {t['probability']:.4f}" for t in r["top_k"]))
         table.add_row(*cells)
     Console(highlight=False).print(table)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":
