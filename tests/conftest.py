@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # One intra-op thread per process: the tests start several processes on a 2-core machine, and
@@ -23,6 +27,19 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parents[1]
 # Real MNIST: $TRAINER_MNIST_DIR, else ../shared/data beside the checkout (CI has it there).
 REAL_DATA = Path(os.environ.get("TRAINER_MNIST_DIR", REPO.parent / "shared" / "data"))
+
+# pytest-xdist groups (`--dist loadgroup`): each module runs on one worker, so its module-scoped
+# fixtures are built once; modules that share an expensive session fixture share a group.
+SHARED_GROUPS = {"test_evaluate": "tiny_run", "test_predict": "tiny_run", "test_plot": "tiny_run",
+                 "test_resume": "two_proc", "test_distributed": "two_proc"}  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
 
 TINY_TRAIN = 1536
 TINY_TEST = 1001  # divides by no batch size or process count used in the tests
@@ -70,11 +87,21 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder (`step_*` checkpoints, `best`, metrics.jsonl, curves.jsonl) of 2 epochs on the
+    tiny data, trained once in this process and shared by the evaluate, predict and plot tests."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    assert main_in_process(tiny_args(tiny_data, out, "--cpu")) == 0
+    return out / "mnist"
+
+
 @dataclass
 class Result:
     returncode: int
     stdout: str
     stderr: str
+    codes: list[int] = field(default_factory=list)  # every process's exit code (forked runs)
 
 
 @pytest.fixture
@@ -177,3 +204,125 @@ def unbroken_2proc(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     assert result.returncode == 0, result.stderr
     (out / "mnist" / "stdout.txt").write_text(result.stdout)
     return out / "mnist"
+
+
+# ---------------------------------------------------------------- forked processes
+# Starting a Python process that imports torch costs 40 to 60 s on the 2-core CI machine, so
+# most multi-process tests fork this process (torch already imported) instead of spawning
+# torchrun. The children are real processes: their own address space, a real gloo process
+# group through torchrun's environment variables, real SIGKILLs. A few tests still go through
+# the real launchers (torchrun, accelerate launch) to check that path end to end.
+
+
+def _run_child(target: Callable[[list[str]], int], args: list[str], env: dict[str, str], out: Path) -> None:
+    """In a forked child: torchrun's environment, stdout/stderr to files, target(args), _exit."""
+    code = 1
+    try:
+        for stream, name in ((1, "out"), (2, "err")):
+            fd = os.open(out.with_suffix(f".{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, stream)
+            os.close(fd)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+            del os.environ[key]
+        os.environ.update(env)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        reset_accelerate()
+        try:
+            code = target(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+
+
+def _cli_main(args: list[str]) -> int:
+    from trainer import cli
+
+    return cli.main(args)
+
+
+@dataclass
+class Forked:
+    """Processes forked by `fork_processes`: their pids and where their output goes."""
+
+    pids: list[int]
+    logs: Path
+    codes: dict[int, int] = field(default_factory=dict)
+
+    def poll(self) -> bool:
+        """True when every process has exited."""
+        for pid in self.pids:
+            if pid not in self.codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self.codes[pid] = os.waitstatus_to_exitcode(status)
+        return len(self.codes) == len(self.pids)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        for pid in self.pids:
+            if pid not in self.codes:
+                os.kill(pid, sig)
+
+    def wait(self, timeout: float = 300) -> Result:
+        deadline = time.monotonic() + timeout
+        while not self.poll():
+            if time.monotonic() > deadline:
+                self.kill()
+                while not self.poll():
+                    time.sleep(0.01)
+                raise TimeoutError(f"forked processes still running after {timeout} s: {self.read(0)}")
+            time.sleep(0.01)
+        codes = [self.codes[pid] for pid in self.pids]
+        # The run's exit code: rank 0's, unless another rank failed where rank 0 did not.
+        code = codes[0] if codes[0] != 0 else next((c for c in codes if c != 0), 0)
+        return Result(code, self.read(0, "out"), self.read(0, "err"), codes)
+
+    def read(self, rank: int, name: str = "err") -> str:
+        path = self.logs / f"rank{rank}.{name}"
+        return path.read_text() if path.exists() else ""
+
+
+def fork_processes(
+    args: list[str],
+    nproc: int = 1,
+    target: Callable[[list[str]], int] = _cli_main,
+    logs: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Forked:
+    """Starts `target(args)` (default: the trainer's CLI) in `nproc` forked processes with the
+    environment torchrun gives its workers (none for nproc=1: a plain `python -m trainer`)."""
+    import tempfile
+
+    # Imported here, once, so that no child pays for importing accelerate and the rest again.
+    import trainer.engine  # noqa: F401
+    import trainer.evaluate  # noqa: F401
+
+    logs = Path(tempfile.mkdtemp(prefix="forked-")) if logs is None else logs
+    logs.mkdir(parents=True, exist_ok=True)
+    port = str(free_port())
+    pids = []
+    for rank in range(nproc):
+        child_env = {"TRAINER_OFFLINE": "1", **(env or {})}
+        if nproc > 1:
+            child_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                             LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _run_child(target, args, child_env, logs / f"rank{rank}")
+        pids.append(pid)
+    return Forked(pids, logs)
+
+
+def fork_trainer(args: list[str], nproc: int = 1, timeout: float = 300, cpu: bool = True, **kw) -> Result:
+    """`python -m trainer ARGS` (nproc=1) or `torchrun --nproc_per_node N -m trainer --cpu ARGS`
+    (gloo), in forked processes; returns rank 0's output and the run's exit code."""
+    return fork_processes(["--cpu", *args] if nproc > 1 and cpu else args, nproc, **kw).wait(timeout)

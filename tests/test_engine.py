@@ -83,11 +83,14 @@ def test_evaluate_returns_exact_counts_and_confusion(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_epoch_on_real_mnist_reaches_97_percent(real_data, tmp_path):
-    """The default recipe, one epoch, all 10,000 test images."""
-    history = Trainer(TrainConfig(data_dir=str(real_data), output_dir=str(tmp_path), epochs=1, cpu=True,
-                                  progress="plain")).fit()  # fmt: skip
+def test_real_mnist_short_run_counts_every_test_image(real_data, tmp_path):
+    """The default recipe on real MNIST, its schedule sized to 40 steps of 512: every one of the
+    10,000 test images counted once, and an accuracy no broken pipeline reaches (the full
+    10-epoch recipe is in docs/RESULTS.md)."""
+    config = TrainConfig(data_dir=str(real_data), output_dir=str(tmp_path), epochs=1, limit_train_batches=40,
+                         cpu=True, progress="plain")  # fmt: skip
+    history = Trainer(config).fit()
     last = history[-1]
     assert last["valid_seen"] == 10_000
-    assert last["valid_acc"] >= 0.97, last
-    assert last["train_samples"] == 117 * 512
+    assert last["train_samples"] == 40 * 512
+    assert last["valid_acc"] >= 0.90, last

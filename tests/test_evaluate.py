@@ -7,16 +7,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_TEST, reset_accelerate, run_trainer, write_dataset
-from helpers.tiny_run import trained_tiny_run
+from conftest import TINY_TEST, fork_trainer, reset_accelerate, write_dataset
 
 from trainer import evaluate
 from trainer.data import DATASET_INFO, load_split, to_model_input
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_data, tmp_path_factory):
-    return trained_tiny_run(tiny_data, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True)
@@ -130,11 +124,10 @@ def test_missing_data_is_one_line_and_exit_2(tiny_run, tmp_path, capsys, monkeyp
     assert_one_line_error(capsys, code, "data not found")
 
 
-@pytest.mark.slow
 def test_two_processes_give_the_same_numbers(tiny_data, tiny_run, tmp_path, capsys):
     args = [str(tiny_run / "best"), "--data-dir", str(tiny_data), "--batch-size", "96"]  # 1001 = 10 x 96 + 41
     assert evaluate.main([*args, "--cpu", "--json", str(tmp_path / "one.json")]) == 0
-    two = run_trainer([*args, "--json", str(tmp_path / "two.json")], nproc=2, module="trainer.evaluate")
+    two = fork_trainer([*args, "--json", str(tmp_path / "two.json")], nproc=2, target=evaluate.main)
     assert two.returncode == 0, two.stderr
     one, two_json = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two_json["num_processes"] == 2 and one["num_processes"] == 1

@@ -7,17 +7,9 @@ import shutil
 import struct
 import sys
 
-import pytest
-from helpers.tiny_run import trained_tiny_run
-
 from trainer import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_data, tmp_path_factory):
-    return trained_tiny_run(tiny_data, tmp_path_factory.getbasetemp())
 
 
 def fake_run(folder):
@@ -37,7 +29,6 @@ def png_size(path) -> tuple[int, int]:
 
 
 def test_a_real_run_gives_a_png(tiny_run, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "plots" / "run.png"
     assert plot.main([str(tiny_run), "--out", str(out)]) == 0
     width, height = png_size(out)

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from conftest import TINY_TEST, reset_accelerate
-from helpers.tiny_run import trained_tiny_run
 from PIL import Image, ImageDraw
 
 from trainer import predict
@@ -15,11 +14,6 @@ from trainer.data import load_split, to_model_input
 from trainer.evaluate import load_model
 
 N = 20  # test digits to predict
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_data, tmp_path_factory):
-    return trained_tiny_run(tiny_data, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True)

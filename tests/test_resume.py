@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import main_in_process, run_trainer, tiny_args
+from conftest import fork_trainer, main_in_process, tiny_args
 from safetensors.torch import load_file
 
 DETERMINISTIC_KEYS = ("epoch", "step", "train_loss", "train_acc", "train_samples", "valid_loss", "valid_acc",
@@ -81,26 +81,40 @@ def test_negative_control_without_data_position_restore(run_main, tiny_data, tmp
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(
-    reason="known bug: resuming a 2-process checkpoint on 2 processes exits early (seen 2026-11-27)", strict=False
-)
-@pytest.mark.slow
 @pytest.mark.parametrize("step", [12, 15], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_is_bitwise_equal_2proc(tiny_data, tmp_path, unbroken_2proc, step):
-    result = run_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
-                          *branch(unbroken_2proc, step, tmp_path, "resumed")], nproc=2)  # fmt: skip
+    """unbroken_2proc ran under torchrun; the resumed half runs in 2 forked processes (gloo)."""
+    result = fork_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
+                           *branch(unbroken_2proc, step, tmp_path, "resumed")], nproc=2)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert_same_run(unbroken_2proc, tmp_path / "resumed")
 
 
-@pytest.mark.slow
+def test_negative_control_without_data_position_restore_2proc(tiny_data, tmp_path, unbroken_2proc, monkeypatch):
+    """The 2-process comparison can fail too: forgetting the data position changes the run."""
+    from trainer import engine
+
+    original = engine.Trainer._resume
+
+    def forgetful(self, folder):
+        original(self, folder)
+        self.samples_in_epoch, self._stats_filled = 0, 0
+
+    monkeypatch.setattr(engine.Trainer, "_resume", forgetful)  # inherited by the forked processes
+    result = fork_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
+                           *branch(unbroken_2proc, 15, tmp_path, "forgetful")], nproc=2)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    a, b = final_weights(unbroken_2proc), final_weights(tmp_path / "forgetful")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("src_nproc, dst_nproc, step", [(2, 1, 15), (1, 2, 30)], ids=["2-to-1", "1-to-2"])
 def test_elastic_resume_continues_data_and_schedule(
     tiny_data, tmp_path, unbroken_1proc, unbroken_2proc, src_nproc, dst_nproc, step
 ):
     src = unbroken_2proc if src_nproc == 2 else unbroken_1proc
-    result = run_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
-                          *branch(src, step, tmp_path, "elastic")], nproc=dst_nproc)  # fmt: skip
+    result = fork_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
+                           *branch(src, step, tmp_path, "elastic")], nproc=dst_nproc)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"resuming a {src_nproc}-process checkpoint on {dst_nproc} processes" in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "elastic" / "metrics.jsonl").read_text().splitlines()]

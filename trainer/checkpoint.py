@@ -135,7 +135,7 @@ def save(
         if before_commit is not None:
             before_commit()
         if final.exists():  # broken (checked above): not a checkpoint, so nothing is lost
-            shutil.rmtree(final)
+            discard(final)
         os.rename(tmp, final)
         _fsync_dir(run_dir)
     except BaseException:
@@ -215,6 +215,17 @@ def find_latest(run_dir: Path, warn: Callable[[str], None] = lambda _: None) -> 
     return None
 
 
+def discard(folder: Path) -> None:
+    """Deletes a checkpoint folder without ever leaving a half-deleted one under its name: it is
+    renamed to a temporary name first (one atomic step), then removed. A kill during the removal
+    leaves a temporary folder, which `remove_stale_temporaries` clears on the next start."""
+    doomed = folder.with_name(f"{TMP_PREFIX}deleted-{folder.name}.{os.getpid()}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed)
+
+
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Deletes half-written folders left by a save that was killed."""
     if run_dir.is_dir():
@@ -252,6 +263,6 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
     for folder in complete[max(keep_last, 1) :]:
         if best is not None and folder.resolve() == best:
             continue
-        shutil.rmtree(folder)
+        discard(folder)
         removed.append(folder)
     return removed
