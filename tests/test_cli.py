@@ -154,6 +154,61 @@ def test_bf16_on_cpu_runs_and_is_reported(run_main, tiny_data, tmp_path):
     assert read_jsonl(tmp_path / "mnist" / "metrics.jsonl")[0]["mixed_precision"] == "bf16"
 
 
+def test_log_with_sends_settings_steps_and_epochs_to_an_accelerate_tracker(run_main, tiny_data, tmp_path):
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, register_tracker_class
+
+    calls = []
+
+    class Recorder(GeneralTracker):  # what `--log-with tensorboard` gets, minus TensorBoard
+        name = "recorder"
+        requires_logging_directory = True
+
+        def __init__(self, run_name, logging_dir, **kwargs):
+            super().__init__()
+            calls.append(("init", run_name, str(logging_dir)))
+
+        @property
+        def tracker(self):
+            return None
+
+        def store_init_configuration(self, values):
+            calls.append(("config", values))
+
+        def log(self, values, step=None, **kwargs):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    register_tracker_class(Recorder)
+    try:
+        args = tiny_args(tiny_data, tmp_path, "--limit-train-batches", "3", "--log-with", "recorder")
+        result = run_main(args)
+    finally:
+        del LOGGER_TYPE_TO_CLASS["recorder"]
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == ("init", "mnist", str(tmp_path / "mnist" / "trackers"))
+    assert calls[1][0] == "config" and calls[1][1]["lr"] == 0.5 and calls[1][1]["log_with"] == "recorder"
+    logs = [c for c in calls if c[0] == "log"]
+    step_logs = [(step, v["train/lr"]) for _, step, v in logs if "train/lr" in v]
+    lrs = [lr for c in read_jsonl(tmp_path / "mnist" / "curves.jsonl") for lr in c["lr"]]
+    assert step_logs == list(zip(range(1, 7), lrs))  # every optimizer step, numbered from 1
+    epochs = [(step, v) for _, step, v in logs if "epoch/valid_acc" in v]
+    records = read_jsonl(tmp_path / "mnist" / "metrics.jsonl")
+    assert [(s, v["epoch/valid_acc"]) for s, v in epochs] == [(r["step"], r["valid_acc"]) for r in records]
+    assert calls[-1] == ("finish",)
+
+
+def test_log_with_a_missing_tracker_is_one_line(run_main, tiny_data, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    result = run_main(tiny_args(tiny_data, tmp_path, "--log-with", "wandb"))
+    assert_one_line_error(result, "wandb", "pip install wandb")
+    assert_one_line_error(run_main(tiny_args(tiny_data, tmp_path, "--log-with", "nope")), "unknown tracker 'nope'")
+
+
 @pytest.mark.parametrize(
     "flags, fragment",
     [

@@ -58,6 +58,12 @@ class TrainConfig:
     resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from", "infra")
     save_every: int | None = _opt(None, "also save a checkpoint every N optimizer steps", "infra")
     keep_last: int = _opt(3, "checkpoints kept per run besides the best one (at least 1)", "infra")
+    log_with: str | None = _opt(
+        None,
+        "also log to experiment trackers through accelerate: tensorboard, wandb, mlflow, aim, comet_ml, clearml, "
+        "dvclive, swanlab, trackio, all (those installed), comma-separated; none turns it off on --resume",
+        "infra",
+    )
     progress: str = _opt(
         "auto", "progress display: auto (bars on a terminal), bar or plain", "infra", choices=("auto", "bar", "plain")
     )
@@ -83,6 +89,12 @@ class TrainConfig:
             raise ConfigError(f"--run-name must be letters, digits, '.', '_' or '-', got {self.run_name!r}")
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+
+    @property
+    def trackers(self) -> list[str]:
+        """--log-with as a list of tracker names (empty: no tracking)."""
+        names = [n.strip() for n in (self.log_with or "").split(",") if n.strip()]
+        return [] if names == ["none"] else names
 
     @property
     def name(self) -> str:

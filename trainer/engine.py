@@ -66,6 +66,12 @@ def make_accelerator(config: TrainConfig):
         precision = kwargs.get("mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         if precision == "fp16":
             raise ConfigError("fp16 mixed precision needs a GPU; on the CPU use --mixed-precision bf16 or no")
+    if config.trackers:
+        from accelerate.utils import ProjectConfiguration
+
+        run_dir = Path(config.output_dir) / config.name
+        kwargs["log_with"] = _check_trackers(config.trackers)
+        kwargs["project_config"] = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers"))
     try:
         return Accelerator(
             cpu=config.cpu,
@@ -76,6 +82,24 @@ def make_accelerator(config: TrainConfig):
         )
     except ValueError as exc:  # accelerate's own refusal of a precision/device pair
         raise ConfigError(str(exc).strip().splitlines()[0]) from None
+
+
+def _check_trackers(names: list[str]) -> list[str]:
+    """--log-with names that accelerate knows and whose package is installed; else a ConfigError.
+    accelerate itself would skip a missing tracker with a debug-level message only."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if "all" in names:
+        return ["all"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            known = ", ".join(sorted(LOGGER_TYPE_TO_CLASS))
+            raise ConfigError(f"--log-with: unknown tracker {name!r}; accelerate knows {known}, all")
+        if name in LoggerType.list() and name not in available:
+            raise ConfigError(f"--log-with {name}: the {name} package is not installed (pip install {name})")
+    return names
 
 
 def _mps_available() -> bool:
@@ -207,6 +231,17 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Trains until `config.epochs` epochs are done; returns the per-epoch metrics records."""
         self._announce()
+        if self.accelerator.log_with:
+            settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                        for k, v in self.config.to_dict().items() if v is not None}  # fmt: skip
+            self.accelerator.init_trackers(self.config.name, config=settings)
+        try:
+            return self._fit()
+        finally:
+            if self.accelerator.log_with:
+                self.accelerator.end_training()
+
+    def _fit(self) -> list[dict[str, Any]]:
         with _StopSignals(self):
             while self.epoch < self.config.epochs:
                 train = self.train_epoch()
@@ -217,6 +252,7 @@ class Trainer:
                 self.history.append(record)
                 self.epoch, self.samples_in_epoch = self.epoch + 1, 0
                 self._write_epoch_logs(record, train["curve"])
+                self._log_to_trackers(record, train["curve"])
                 self.report.epoch_row(record)
                 self._save(best_candidate=True)
                 if self._stop_signal is not None or self._stop_agreed(force=True):
@@ -366,6 +402,17 @@ class Trainer:
                     f.write(json.dumps(obj) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
+
+    def _log_to_trackers(self, record: dict[str, Any], curve: dict[str, Any]) -> None:
+        """--log-with: the per-step loss and LR, then the epoch's metrics, at their optimizer steps."""
+        acc = self.accelerator
+        if not acc.log_with:
+            return
+        first = record["step"] - len(curve["lr"]) + 1
+        for i, (loss, lr) in enumerate(zip(curve["loss"], curve["lr"])):
+            acc.log({"train/step_loss": loss, "train/lr": lr}, step=first + i)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        acc.log({f"epoch/{k}": v for k, v in scalars.items()} | {"epoch": record["epoch"]}, step=record["step"])
 
     def _rewrite_logs(self) -> None:
         """After a resume: the logs are exactly the checkpoint's history (later lines belonged to a lost future)."""
