@@ -28,19 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Real MNIST: $TRAINER_MNIST_DIR, else ../shared/data beside the checkout (CI has it there).
 REAL_DATA = Path(os.environ.get("TRAINER_MNIST_DIR", REPO.parent / "shared" / "data"))
 
-# pytest-xdist groups (`--dist loadgroup`): each module runs on one worker, so its module-scoped
-# fixtures are built once; modules that share an expensive session fixture share a group.
-SHARED_GROUPS = {"test_evaluate": "tiny_run", "test_predict": "tiny_run", "test_plot": "tiny_run",
-                 "test_resume": "two_proc", "test_distributed": "two_proc"}  # fmt: skip
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
-
-
 TINY_TRAIN = 1536
 TINY_TEST = 1001  # divides by no batch size or process count used in the tests
 
@@ -170,7 +157,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_trainer(
-    args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None, module: str = "trainer"
+    args: list[str], nproc: int = 1, timeout: float = 900, env: dict | None = None, module: str = "trainer"
 ) -> subprocess.CompletedProcess:
     """Runs `python -m trainer` (nproc=1) or torchrun with gloo (nproc>1) and returns the result."""
     if nproc == 1:
@@ -270,7 +257,7 @@ class Forked:
             if pid not in self.codes:
                 os.kill(pid, sig)
 
-    def wait(self, timeout: float = 300) -> Result:
+    def wait(self, timeout: float = 900) -> Result:
         deadline = time.monotonic() + timeout
         while not self.poll():
             if time.monotonic() > deadline:
@@ -322,7 +309,7 @@ def fork_processes(
     return Forked(pids, logs)
 
 
-def fork_trainer(args: list[str], nproc: int = 1, timeout: float = 300, cpu: bool = True, **kw) -> Result:
+def fork_trainer(args: list[str], nproc: int = 1, timeout: float = 900, cpu: bool = True, **kw) -> Result:
     """`python -m trainer ARGS` (nproc=1) or `torchrun --nproc_per_node N -m trainer --cpu ARGS`
     (gloo), in forked processes; returns rank 0's output and the run's exit code."""
     return fork_processes(["--cpu", *args] if nproc > 1 and cpu else args, nproc, **kw).wait(timeout)

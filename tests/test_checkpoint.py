@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
 
+# The whole module on one pytest-xdist worker: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_data, tmp_path_factory) -> Path:
@@ -194,7 +197,7 @@ def test_save_error_is_one_line_exit_2(run_main, tiny_data, tmp_path):
     assert (tmp_path / "mnist").read_text() == "not a folder"
 
 
-def wait_for(predicate, timeout: float = 120.0) -> None:
+def wait_for(predicate, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -223,7 +226,7 @@ def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
             return proc.poll() or bool({p.name for p in ckpt.list_checkpoints(run)} - seen)
 
         with contextlib.suppress(TimeoutError):
-            wait_for(progressed, 120)
+            wait_for(progressed, 600)
         if proc.poll():
             break
         time.sleep(rng.uniform(0, 0.3))
@@ -238,7 +241,7 @@ def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
         args = [*base, "--resume", "latest"] if latest else base
         proc = fork_processes(args, logs=tmp_path / f"logs{kills}")
         print(f"kill {kills} at {time.monotonic() - started:.1f} s, resuming from {resumed_from[-1]}")
-    result = proc.wait(300)
+    result = proc.wait(900)
     assert result.returncode == 0, result.stderr
     assert kills == 12, f"the run finished after {kills} kills"
     assert len({r for r in resumed_from if r}) >= 8, resumed_from  # the kills spread over the run

@@ -16,6 +16,9 @@ from conftest import REPO, cli_env, fork_trainer, tiny_args, write_dataset
 
 from trainer import checkpoint as ckpt
 
+# The whole module on one pytest-xdist worker: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_cli")
+
 METRICS_KEYS = {
     "epoch", "step", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_correct", "valid_seen",
     "lr", "epoch_time_s", "train_samples_per_s", "num_processes", "mixed_precision",
@@ -60,13 +63,13 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
     launcher = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "mnist"
     try:
-        wait_for(lambda: len(read_lines(run / "metrics.jsonl")) >= 1 or launcher.poll() is not None, 400)
+        wait_for(lambda: len(read_lines(run / "metrics.jsonl")) >= 1 or launcher.poll() is not None, 900)
         assert launcher.poll() is None, launcher.communicate()
         children = [int(p) for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
         assert children, "the launcher runs the trainer in a child process"
         before = {p.name for p in ckpt.list_checkpoints(run)}
         os.kill(launcher.pid, signal.SIGTERM)  # the launcher only
-        out, err = launcher.communicate(timeout=60)
+        out, err = launcher.communicate(timeout=600)
     finally:
         launcher.kill()
 
@@ -74,7 +77,7 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
         return not any(Path(f"/proc/{pid}").exists() and b"trainer" in Path(f"/proc/{pid}/cmdline").read_bytes()
                        for pid in children)  # fmt: skip
 
-    wait_for(trainer_gone, 60)
+    wait_for(trainer_gone, 600)
     after = {p.name for p in ckpt.list_checkpoints(run)}
     assert after - before, "the trainer saved a checkpoint before exiting"
     latest = ckpt.find_latest(run)

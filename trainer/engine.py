@@ -238,8 +238,10 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            if self.accelerator.log_with:
-                self.accelerator.end_training()
+            # Not accelerator.end_training(): it also destroys the process group, which the caller may still use.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
 
     def _fit(self) -> list[dict[str, Any]]:
         with _StopSignals(self):
