@@ -156,12 +156,21 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float = 600.0) -> None:
+    """Polls `predicate` until it is true; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.01)
+
+
 def run_trainer(
-    args: list[str], nproc: int = 1, timeout: float = 900, env: dict | None = None, module: str = "trainer"
+    args: list[str], nproc: int = 1, timeout: float = 900, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Runs `python -m trainer` (nproc=1) or torchrun with gloo (nproc>1) and returns the result."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", module, *args]
+        cmd = [sys.executable, "-m", "trainer", *args]
     else:
         cmd = [
             sys.executable,
@@ -174,7 +183,7 @@ def run_trainer(
             "--master_port",
             str(free_port()),
             "-m",
-            module,
+            "trainer",
             "--cpu",
             *args,
         ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fork_processes, main_in_process, tiny_args
+from conftest import fork_processes, main_in_process, tiny_args, wait_for
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
@@ -195,14 +195,6 @@ def test_save_error_is_one_line_exit_2(run_main, tiny_data, tmp_path):
     result = run_main(tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "2"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (tmp_path / "mnist").read_text() == "not a folder"
-
-
-def wait_for(predicate, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.01)
 
 
 def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):

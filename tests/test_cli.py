@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cli_env, fork_trainer, tiny_args, write_dataset
+from conftest import REPO, cli_env, fork_trainer, tiny_args, wait_for, write_dataset
 
 from trainer import checkpoint as ckpt
 
@@ -101,14 +100,6 @@ def read_lines(path: Path) -> list[str]:
         return path.read_text().splitlines()
     except FileNotFoundError:
         return []
-
-
-def wait_for(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.05)
 
 
 def test_refuses_to_overwrite_a_finished_run(run_main, tiny_data, tmp_path):
