@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -60,10 +62,29 @@ def write_dataset(root: Path, folder: str = "MNIST", n_train: int = TINY_TRAIN, 
     return root
 
 
+def build_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that `build` fills once per test session, however many pytest-xdist workers ask
+    for it: the first one builds it under a file lock, the others wait and reuse it. (Session
+    fixtures are per worker, and xdist's `loadgroup`, which could keep their users on one worker,
+    silently stopped grouping with pytest 9.2: pytest-dev/pytest-xdist#1386.)"""
+    root = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, shared by this session's workers and by no other session
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A --data-dir with a tiny MNIST (1,536 train / 1,001 test images)."""
-    return write_dataset(tmp_path_factory.mktemp("tiny_data"))
+    return build_once(tmp_path_factory, "tiny_data", write_dataset)
 
 
 @pytest.fixture(scope="session")
@@ -77,10 +98,12 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder (`step_*` checkpoints, `best`, metrics.jsonl, curves.jsonl) of 2 epochs on the
-    tiny data, trained once in this process and shared by the evaluate, predict and plot tests."""
-    out = tmp_path_factory.mktemp("tiny_run")
-    assert main_in_process(tiny_args(tiny_data, out, "--cpu")) == 0
-    return out / "mnist"
+    tiny data, trained once per session and shared by the evaluate, predict and plot tests."""
+
+    def build(out: Path) -> None:
+        assert main_in_process(tiny_args(tiny_data, out, "--cpu")) == 0
+
+    return build_once(tmp_path_factory, "tiny_run", build) / "mnist"
 
 
 @dataclass
@@ -194,12 +217,14 @@ def run_trainer(
 def unbroken_2proc(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-process (gloo) run: 3 epochs of 12 steps, a checkpoint every 5 steps, all kept; its
     stdout is kept beside it. Shared by the schedule, exact-count and resume tests."""
-    out = tmp_path_factory.mktemp("unbroken2")
-    result = run_trainer(tiny_args(data_dir=tiny_data, out=out) + ["--epochs", "3", "--save-every", "5",
-                                                                    "--keep-last", "100"], nproc=2)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    (out / "mnist" / "stdout.txt").write_text(result.stdout)
-    return out / "mnist"
+
+    def build(out: Path) -> None:
+        args = tiny_args(tiny_data, out, "--epochs", "3", "--save-every", "5", "--keep-last", "100")
+        result = run_trainer(args, nproc=2)
+        assert result.returncode == 0, result.stderr
+        (out / "mnist" / "stdout.txt").write_text(result.stdout)
+
+    return build_once(tmp_path_factory, "unbroken2", build) / "mnist"
 
 
 # ---------------------------------------------------------------- forked processes

@@ -15,9 +15,6 @@ from conftest import REPO, cli_env, fork_trainer, tiny_args, wait_for, write_dat
 
 from trainer import checkpoint as ckpt
 
-# The whole module on one pytest-xdist worker: its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_cli")
-
 METRICS_KEYS = {
     "epoch", "step", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_correct", "valid_seen",
     "lr", "epoch_time_s", "train_samples_per_s", "num_processes", "mixed_precision",

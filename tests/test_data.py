@@ -16,9 +16,6 @@ from trainer.data import (
     to_model_input,
 )
 
-# The whole module on one pytest-xdist worker: its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_data")
-
 
 def test_idx_files_decode_to_uint8_tensors(tiny_data):
     split = load_split("mnist", tiny_data, train=False)

@@ -10,9 +10,6 @@ import torch
 from conftest import fork_processes, main_in_process, tiny_args
 from helpers.dist_probe import probe
 
-# One pytest-xdist worker builds the shared torchrun fixture (unbroken_2proc) for resume and distributed.
-pytestmark = pytest.mark.xdist_group("two_proc")
-
 MAX_LR = 0.5
 
 

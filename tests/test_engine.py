@@ -10,9 +10,6 @@ from trainer import TrainConfig, Trainer
 from trainer.config import MODEL_NAMES
 from trainer.model import MODELS, build_model
 
-# The whole module on one pytest-xdist worker: its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_engine")
-
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate():

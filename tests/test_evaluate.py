@@ -12,9 +12,6 @@ from conftest import TINY_TEST, fork_trainer, reset_accelerate, write_dataset
 from trainer import evaluate
 from trainer.data import DATASET_INFO, load_split, to_model_input
 
-# One pytest-xdist worker builds the shared tiny_run fixture for evaluate, predict and plot.
-pytestmark = pytest.mark.xdist_group("tiny_run")
-
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate():

@@ -7,12 +7,7 @@ import shutil
 import struct
 import sys
 
-import pytest
-
 from trainer import plot
-
-# One pytest-xdist worker builds the shared tiny_run fixture for evaluate, predict and plot.
-pytestmark = pytest.mark.xdist_group("tiny_run")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

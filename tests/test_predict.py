@@ -13,9 +13,6 @@ from trainer import predict
 from trainer.data import load_split, to_model_input
 from trainer.evaluate import load_model
 
-# One pytest-xdist worker builds the shared tiny_run fixture for evaluate, predict and plot.
-pytestmark = pytest.mark.xdist_group("tiny_run")
-
 N = 20  # test digits to predict
 
 

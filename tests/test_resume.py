@@ -11,9 +11,6 @@ import torch
 from conftest import fork_trainer, main_in_process, tiny_args
 from safetensors.torch import load_file
 
-# One pytest-xdist worker builds the shared torchrun fixture (unbroken_2proc) for resume and distributed.
-pytestmark = pytest.mark.xdist_group("two_proc")
-
 DETERMINISTIC_KEYS = ("epoch", "step", "train_loss", "train_acc", "train_samples", "valid_loss", "valid_acc",
                       "valid_correct", "valid_seen", "lr")  # fmt: skip
 
