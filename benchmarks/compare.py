@@ -259,6 +259,32 @@ class Stopwatch:
         self.cpu_seconds = time.process_time() - self.cpu0
 
 
+class StepClock:
+    """The wall time between consecutive optimizer steps: one whole training step (fetching the
+    batch, forward, backward, update, bookkeeping) however a contender's loop is written. Stamped
+    by a global optimizer step hook, so no contender's code changes. CPU only: on CUDA the host
+    runs ahead of the device. On a machine whose CPU is shared, the fastest steps show what a step
+    costs when the contender has the core to itself; the median shows what the neighbours left."""
+
+    def __init__(self, device: str) -> None:
+        self.enabled = device == "cpu"
+        self.stamps: list[float] = []
+
+    def __enter__(self) -> StepClock:
+        if self.enabled:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            self.handle = register_optimizer_step_post_hook(lambda *_: self.stamps.append(time.perf_counter()))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.handle.remove()
+
+    def step_ms(self) -> list[float]:
+        return [1000 * (b - a) for a, b in zip(self.stamps, self.stamps[1:])]
+
+
 def _rss_bytes() -> int:
     """This process's resident memory now (Linux), else its peak so far."""
     try:
@@ -327,8 +353,9 @@ def run_contender(name: str, s: Settings, log: Callable[[str], None], result: di
             if result["threads"] != s.threads:
                 log(f"  warning: {name} changed torch's thread count to {result['threads']}")
             for epoch in range(1, s.epochs + 1):
-                with Stopwatch(s.device) as train_watch:
+                with Stopwatch(s.device) as train_watch, StepClock(s.device) as clock:
                     train = run.train_epoch()
+                steps_ms = sorted(clock.step_ms())
                 valid: dict[str, Any] = {}
                 eval_watch = Stopwatch(s.device)
                 if s.evaluate:
@@ -345,6 +372,8 @@ def run_contender(name: str, s: Settings, log: Callable[[str], None], result: di
                     "train_samples": train["samples"],
                     "train_samples_per_s": train["samples"] / train_watch.seconds,
                     "step_ms": 1000 * train_watch.seconds / (train["samples"] // s.batch_size),
+                    "fastest_step_ms": steps_ms[0] if steps_ms else None,
+                    "step_ms_p10": steps_ms[len(steps_ms) // 10] if steps_ms else None,
                     "train_loss": train["loss"],
                     "train_acc": train["acc"],
                     "valid_acc": valid.get("acc"),
@@ -513,6 +542,8 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "epoch_s": _median([e["epoch_s"] for e in epochs]),
             "train_cpu_s": _median([e.get("train_cpu_s") for e in epochs]),
             "step_ms": _median([e["step_ms"] for e in epochs]),
+            "fastest_step_ms": min((e["fastest_step_ms"] for e in epochs if e.get("fastest_step_ms")), default=None),
+            "step_ms_p10": _median([e.get("step_ms_p10") for e in epochs]),
             "train_samples_per_s": _median([e["train_samples_per_s"] for e in epochs]),
             "peak_rss_mib": _median([r["peak_rss_mib"] for r in rounds]),
             "peak_cuda_mib": _median([r["peak_cuda_mib"] for r in rounds]),
@@ -530,6 +561,8 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         ("trainer", "bare", "train_s", "trainer_over_bare_step_loop"),
         ("trainer", "bare", "train_cpu_s", "trainer_over_bare_step_loop_cpu"),
         ("trainer", "bare", "eval_s", "trainer_over_bare_eval"),
+        ("trainer", "baseline", "step_ms_p10", "trainer_over_baseline_step_p10"),
+        ("trainer", "bare", "step_ms_p10", "trainer_over_bare_step_p10"),
     ):
         runs_a = {r["round"]: r for r in results.get(a, [])}
         runs_b = {r["round"]: r for r in results.get(b, [])}
@@ -537,7 +570,7 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             statistics.fmean(e[key] for e in runs_a[k]["epochs"])
             / statistics.fmean(e[key] for e in runs_b[k]["epochs"])
             for k in sorted(runs_a.keys() & runs_b.keys())
-            if all(e.get(key, 0) > 0 for e in runs_a[k]["epochs"] + runs_b[k]["epochs"])
+            if all((e.get(key) or 0) > 0 for e in runs_a[k]["epochs"] + runs_b[k]["epochs"])
         ]
         if pairs:
             ratios[label] = {"median": statistics.median(pairs), "per_round": pairs}
@@ -574,7 +607,7 @@ def print_table(console: Console, summary: dict[str, Any], device: str, title: s
     cuda = device == "cuda"
     table = Table(title=title, title_justify="left")
     headers = ["contender", "setup s", "train s/epoch", "train CPU s", "eval s/epoch", "epoch s", "train samples/s"]
-    headers += ["ms/step"]
+    headers += ["ms/step"] + ([] if cuda else ["fastest step ms", "p10 step ms"])
     headers += ["x baseline (epoch s)", "peak RSS +MiB"] + (["peak CUDA MiB"] if cuda else [])
     headers += ["final train acc", "final valid acc", "valid correct/seen"]
     for h in headers:
@@ -595,6 +628,7 @@ def print_table(console: Console, summary: dict[str, Any], device: str, title: s
             _fmt(row["epoch_s"], ".2f"),
             _fmt(row["train_samples_per_s"], ",.0f"),
             _fmt(row["step_ms"], ".2f"),
+            *([] if cuda else [_fmt(row.get("fastest_step_ms"), ".1f"), _fmt(row.get("step_ms_p10"), ".1f")]),
             _fmt(vs, ".3f"),
             _fmt(row["peak_rss_mib"], ".0f"),
         ]
@@ -608,6 +642,8 @@ def print_table(console: Console, summary: dict[str, Any], device: str, title: s
         ("trainer_over_bare_step_loop", "trainer / bare, training step loop (Accelerate's cost; target <= 1.05)"),
         ("trainer_over_bare_step_loop_cpu", "trainer / bare, process CPU seconds of the training step loop"),
         ("trainer_over_bare_eval", "trainer / bare, evaluation"),
+        ("trainer_over_baseline_step_p10", "trainer / baseline, 10th-percentile step (the steps neighbours spared)"),
+        ("trainer_over_bare_step_p10", "trainer / bare, 10th-percentile step"),
     ):
         if label in ratios:
             r = ratios[label]

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import traceback
@@ -188,39 +187,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 600.0) -> None:
         time.sleep(0.01)
 
 
-def run_trainer(
-    args: list[str], nproc: int = 1, timeout: float = 900, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Runs `python -m trainer` (nproc=1) or torchrun with gloo (nproc>1) and returns the result."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "trainer", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "trainer",
-            "--cpu",
-            *args,
-        ]
-    return subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="session")
 def unbroken_2proc(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-process (gloo) run: 3 epochs of 12 steps, a checkpoint every 5 steps, all kept; its
-    stdout is kept beside it. Shared by the schedule, exact-count and resume tests."""
+    """A 2-process (gloo) run, forked with torchrun's environment: 3 epochs of 12 steps, a
+    checkpoint every 5 steps, all kept; its stdout is kept beside it. Shared by the schedule,
+    exact-count and resume tests."""
 
     def build(out: Path) -> None:
         args = tiny_args(tiny_data, out, "--epochs", "3", "--save-every", "5", "--keep-last", "100")
-        result = run_trainer(args, nproc=2)
+        result = fork_trainer(args, nproc=2)
         assert result.returncode == 0, result.stderr
         (out / "mnist" / "stdout.txt").write_text(result.stdout)
 
@@ -231,8 +206,8 @@ def unbroken_2proc(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
 # Starting a Python process that imports torch costs 40 to 60 s on the 2-core CI machine, so
 # most multi-process tests fork this process (torch already imported) instead of spawning
 # torchrun. The children are real processes: their own address space, a real gloo process
-# group through torchrun's environment variables, real SIGKILLs. A few tests still go through
-# the real launchers (torchrun, accelerate launch) to check that path end to end.
+# group through torchrun's environment variables (all the trainer sees of torchrun), real
+# SIGKILLs. One test still goes through a real launcher, `accelerate launch`, end to end.
 
 
 def _run_child(target: Callable[[list[str]], int], args: list[str], env: dict[str, str], out: Path) -> None:

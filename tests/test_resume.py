@@ -83,7 +83,7 @@ def test_negative_control_without_data_position_restore(run_main, tiny_data, tmp
 
 @pytest.mark.parametrize("step", [12, 15], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_is_bitwise_equal_2proc(tiny_data, tmp_path, unbroken_2proc, step):
-    """unbroken_2proc ran under torchrun; the resumed half runs in 2 forked processes (gloo)."""
+    """The unbroken 2-process run against one resumed from its checkpoint, both 2 processes (gloo)."""
     result = fork_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
                            *branch(unbroken_2proc, step, tmp_path, "resumed")], nproc=2)  # fmt: skip
     assert result.returncode == 0, result.stderr
