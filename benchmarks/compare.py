@@ -561,6 +561,7 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         ("trainer", "bare", "train_s", "trainer_over_bare_step_loop"),
         ("trainer", "bare", "train_cpu_s", "trainer_over_bare_step_loop_cpu"),
         ("trainer", "bare", "eval_s", "trainer_over_bare_eval"),
+        ("trainer", "baseline", "fastest_step_ms", "trainer_over_baseline_fastest_step"),
         ("trainer", "baseline", "step_ms_p10", "trainer_over_baseline_step_p10"),
         ("trainer", "bare", "step_ms_p10", "trainer_over_bare_step_p10"),
     ):
@@ -642,6 +643,7 @@ def print_table(console: Console, summary: dict[str, Any], device: str, title: s
         ("trainer_over_bare_step_loop", "trainer / bare, training step loop (Accelerate's cost; target <= 1.05)"),
         ("trainer_over_bare_step_loop_cpu", "trainer / bare, process CPU seconds of the training step loop"),
         ("trainer_over_bare_eval", "trainer / bare, evaluation"),
+        ("trainer_over_baseline_fastest_step", "trainer / baseline, fastest step (when the core was its own)"),
         ("trainer_over_baseline_step_p10", "trainer / baseline, 10th-percentile step (the steps neighbours spared)"),
         ("trainer_over_bare_step_p10", "trainer / bare, 10th-percentile step"),
     ):
