@@ -220,9 +220,10 @@ def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
             break
         time.sleep(rng.uniform(0, 0.3))
         proc.kill(signal.SIGKILL)
-        if proc.wait().codes == [0]:
+        codes = proc.wait().codes
+        if codes == [0]:
             break  # it finished its last step before the kill landed
-        assert proc.wait().codes == [-signal.SIGKILL], proc.read(0)
+        assert codes == [-signal.SIGKILL], proc.read(0)
         kills += 1
         assert not (run / "metrics.jsonl").exists() or ckpt.find_latest(run) is not None
         for folder in ckpt.list_checkpoints(run):  # whatever is named like a checkpoint is complete
