@@ -55,7 +55,7 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
     """The README's command end to end, then what a scheduler's `kill PID` does to it: the
     SIGTERM reaches the launcher only; the trainer must notice, save, and leave no orphan."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs/cpu.yaml"),
-           "-m", "trainer", *tiny_args(tiny_data, tmp_path, "--epochs", "50")]  # fmt: skip
+           "-m", "trainer", *tiny_args(tiny_data, tmp_path, "--epochs", "1000")]  # fmt: skip
     launcher = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "mnist"
     try:
