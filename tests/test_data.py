@@ -62,10 +62,10 @@ def test_model_input_is_scaled_like_totensor():
 
 def shard_indices(sampler: EpochSampler, batch: int, world: int) -> list[list[int]]:
     """What each of `world` processes draws, via accelerate's own batch sharding."""
-    per_rank = []
+    order, per_rank = sampler.order().tolist(), []
     for rank in range(world):
         shard = BatchSamplerShard(BatchSampler(sampler, batch, drop_last=True), world, rank)
-        per_rank.append([i for b in shard for i in b])
+        per_rank.append([order[position] for b in shard for position in b])
     return per_rank
 
 
@@ -95,7 +95,7 @@ def test_interrupted_epoch_sees_each_sample_at_most_once_across_world_sizes(befo
 def sampler_order(n: int, epoch: int) -> list[int]:
     s = EpochSampler(n, seed=12)
     s.set_position(epoch)
-    return list(s)
+    return [s.order().tolist()[position] for position in s]
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():

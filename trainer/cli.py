@@ -13,6 +13,8 @@ from typing import Any
 
 from trainer.config import ConfigError, TrainConfig
 
+# Settings of where and how this command runs, never taken from a checkpoint on --resume.
+NOT_RESUMED = ("resume", "cpu", "progress")
 GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "data": "data and evaluation", "infra": "infrastructure"}
 
 
@@ -60,7 +62,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if args["resume"] is not None:
         saved = _checkpoint_config(args)
         for name, value in saved.items():
-            if name not in explicit and name != "resume" and name in args:
+            if name not in explicit and name not in NOT_RESUMED and name in args:
                 args[name] = value
     return TrainConfig(**args)
 
@@ -82,34 +84,26 @@ def _explicit_names(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 
 
 def _checkpoint_config(args: dict[str, Any]) -> dict[str, Any]:
+    """The settings stored in the checkpoint that --resume names (all processes agree on which)."""
     from trainer import checkpoint as ckpt
+    from trainer.runtime import agree_on_checkpoint
 
-    resume = args["resume"]
-    if resume == "latest":
-        run_dir = Path(args["output_dir"]) / (args["run_name"] or args["dataset"])
-        folder = ckpt.find_latest(run_dir)
-        if folder is None:
-            raise ckpt.CheckpointError(f"--resume latest: no complete checkpoint in {run_dir}")
-    else:
-        folder = Path(resume)
-        folder = folder.parent if folder.name == ckpt.MODEL_NAME else folder
-        if not folder.exists():
-            raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint folder")
-        ckpt.verify(folder)
+    run_dir = Path(args["output_dir"]) / (args["run_name"] or args["dataset"])
+    folder = agree_on_checkpoint(args["resume"], run_dir)
     try:
         return json.loads((folder / ckpt.STATE_NAME).read_text())["config"]
     except (KeyError, ValueError, OSError) as exc:
         raise ckpt.CheckpointError(f"{folder / ckpt.STATE_NAME}: unreadable run configuration ({exc})") from None
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def fail(message: str, code: int = 2) -> int:
-    """One line on stderr (from the main process only) and an exit code."""
-    if _is_main_process():
-        print(f"trainer: error: {message}", file=sys.stderr, flush=True)
+def fail(message: str, code: int = 2, everywhere: bool = True) -> int:
+    """One line on stderr and an exit code. With several processes, each process that failed says
+    so, prefixed with its rank (the failure may be its machine's alone); `everywhere=False` keeps
+    the other ranks quiet, for errors every process sees alike."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or everywhere:
+        prefix = f"[rank {rank}] " if rank else ""
+        print(f"trainer: error: {prefix}{message}", file=sys.stderr, flush=True)
     return code
 
 
@@ -142,20 +136,28 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         die_with_launcher()
     args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--resume" or a.startswith("--resume=") for a in args):
-        try:  # settle flag errors before the slow torch import
+    resuming = any(a == "--resume" or a.startswith("--resume=") for a in args)
+    if not resuming:
+        try:  # settle flag errors before the slow torch import; every process sees the same flags
             config = parse_config(args)
         except ConfigError as exc:
-            return fail(str(exc))
+            return fail(str(exc), everywhere=False)
     from trainer.checkpoint import CheckpointError
     from trainer.engine import Stopped, Trainer
+    from trainer.runtime import PeerError, world_size
 
     try:
-        if any(a == "--resume" or a.startswith("--resume=") for a in args):
+        if resuming:
+            if world_size() > 1:  # the processes agree on the checkpoint before reading its settings
+                from accelerate import PartialState
+
+                PartialState(cpu="--cpu" in args)
             config = parse_config(args)  # reads the checkpoint's settings
         trainer = Trainer(config)
         trainer.command_args = args
         trainer.fit()
+    except PeerError as exc:  # another process failed and said why; the main process names it
+        return fail(str(exc), everywhere=False)
     except (ConfigError, CheckpointError) as exc:
         return fail(str(exc))
     except Stopped as exc:

@@ -8,10 +8,12 @@ to the other processes (one gather), evaluate, log and save a checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shlex
 import signal
+import struct
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer import checkpoint as ckpt
+from trainer import runtime
 from trainer.config import ConfigError, TrainConfig
 from trainer.console import Reporter
 from trainer.data import DATASET_INFO, NORMALIZATION, load_split, make_loader, to_model_input
@@ -136,7 +139,7 @@ class Trainer:
         self.samples_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.curves: list[dict[str, Any]] = []
-        self._carry = torch.zeros(0, 2, dtype=torch.float64)  # an interrupted epoch's stats from another world size
+        self._carry = torch.zeros(0, 2)  # an interrupted epoch's per-step stats from another world size
         self._stats_filled = 0
         self._carry_curve: list[float] = []  # per-step mean loss of that part, for curves.jsonl
         self._epoch_lrs: list[float] = []
@@ -156,9 +159,14 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg, acc = self.config, self.accelerator
-        with acc.main_process_first():  # one process downloads; the others then read the files
-            train = load_split(cfg.dataset, cfg.data_dir, train=True)
-            test = load_split(cfg.dataset, cfg.data_dir, train=False)
+        error = None
+        with acc.local_main_process_first():  # one process per machine downloads; the others then read
+            try:
+                train = load_split(cfg.dataset, cfg.data_dir, train=True)
+                test = load_split(cfg.dataset, cfg.data_dir, train=False)
+            except ConfigError as exc:  # data missing on one machine must stop the others too
+                error = exc
+        runtime.agree(error, f"load the {cfg.dataset} data")
         self.class_names = DATASET_INFO[cfg.dataset][1]
         self.train_size, self.test_size = len(train.labels), len(test.labels)
         per_step = cfg.batch_size * self.num_processes
@@ -257,7 +265,8 @@ class Trainer:
                 self._log_to_trackers(record, train["curve"])
                 self.report.epoch_row(record)
                 self._save(best_candidate=True)
-                if self._stop_signal is not None or self._stop_agreed(force=True):
+                # Every process takes part in this agreement, also one that already holds a signal.
+                if self._stop_agreed(force=True):
                     self._print_resume_hint()
                     raise Stopped(self._stop_signal or signal.SIGTERM, self._last_saved)
         return self.history
@@ -311,19 +320,20 @@ class Trainer:
                 t0 = time.perf_counter()
                 self._save(best_candidate=False)
         self.report.end_epoch()
-        # The one sync of the epoch: every process's per-step loss and correct count.
-        stats = acc.gather(self._stats[: self._stats_filled].unsqueeze(0)).to("cpu", torch.float64)  # [N, steps, 2]
-        all_steps = torch.cat([self._carry, stats.reshape(-1, 2)])
-        self._carry = torch.zeros(0, 2, dtype=torch.float64)
-        self._carry_curve: list[float] = []
-        samples = all_steps.shape[0] * cfg.batch_size
+        # The one sync of the epoch: every process's per-step loss and correct count (float32; the
+        # sums are exact in double precision on the host).
+        stats = acc.gather(self._stats[: self._stats_filled].unsqueeze(0)).cpu()  # [N, steps, 2]
+        all_steps = torch.cat([self._carry, stats.reshape(-1, 2)]).tolist()
+        curve = self._carry_curve + stats[:, :, 0].mean(dim=0).tolist()
+        self._carry, self._carry_curve = torch.zeros(0, 2), []
+        samples = len(all_steps) * cfg.batch_size
         elapsed = self._epoch_time_before + time.perf_counter() - t0
         return {
-            "loss": all_steps[:, 0].sum().item() * cfg.batch_size / samples,
-            "acc": all_steps[:, 1].sum().item() / samples,
+            "loss": math.fsum(loss for loss, _ in all_steps) * cfg.batch_size / samples,
+            "acc": math.fsum(correct for _, correct in all_steps) / samples,
             "samples": samples,
             "time_s": elapsed,
-            "curve": {"loss": self._carry_curve + stats[:, :, 0].mean(dim=0).tolist(), "lr": list(self._epoch_lrs)},
+            "curve": {"loss": curve, "lr": list(self._epoch_lrs)},
         }
 
     def evaluate(self) -> EvalResult:
@@ -388,7 +398,7 @@ class Trainer:
             "valid_acc": valid.accuracy,
             "valid_correct": valid.correct,
             "valid_seen": valid.seen,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": train["curve"]["lr"][-1],  # the LR of the epoch's last step (the scheduler is one ahead)
             "epoch_time_s": train["time_s"],
             "train_samples_per_s": train["samples"] / train["time_s"] if train["time_s"] > 0 else 0.0,
             "num_processes": self.num_processes,
@@ -429,11 +439,8 @@ class Trainer:
     def _save(self, best_candidate: bool) -> None:
         """Every process calls this: gathers what only it knows, the main process writes, all wait."""
         acc = self.accelerator
-        # uint8 states travel as int64: gloo's gather returned invalid uint8 rows for process 1 here.
-        rng = {
-            k: acc.gather(v.to(acc.device, torch.int64 if v.dtype == torch.uint8 else v.dtype).unsqueeze(0)).cpu()
-            for k, v in _rng_state().items()
-        }
+        rng = {k: _from_int64(acc.gather(_as_int64(v).to(acc.device).unsqueeze(0)).cpu(), v.dtype)
+               for k, v in _rng_state().items()}  # fmt: skip
         progress = {}
         if self.samples_in_epoch:  # mid-epoch: the interrupted epoch's per-step stats of every process
             progress["epoch_stats"] = acc.gather(self._stats[: self._stats_filled].unsqueeze(0)).cpu()
@@ -512,24 +519,15 @@ class Trainer:
             "history": self.history,
             "curves": self.curves,
             "mixed_precision": acc.mixed_precision,
+            # fp16's loss scale and its growth tracker (plain numbers): a resumed fp16 run scales as the unbroken one.
+            "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         }
         return ckpt.CheckpointContents(model_state, metadata, optimizer_tensors, rng, progress, state)
 
     def _find_resume_point(self, resume: str) -> Path:
-        warn = self.report.warn
+        folder = runtime.agree_on_checkpoint(resume, self.run_dir, warn=self.report.warn)
         if resume == "latest":
-            folder = ckpt.find_latest(self.run_dir, warn=warn)
-            if folder is None:
-                raise ckpt.CheckpointError(f"--resume latest: no complete checkpoint in {self.run_dir}")
             return folder
-        folder = Path(resume)
-        if folder.name == ckpt.MODEL_NAME:
-            folder = folder.parent
-        if folder.is_symlink() or folder.is_dir():
-            folder = folder.resolve()
-        if not folder.exists():
-            raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint folder")
-        ckpt.verify(folder)
         newer = [p.name for p in ckpt.list_checkpoints(self.run_dir) if _step_of(p) > _step_of(folder)]
         if newer and folder.parent.resolve() == self.run_dir.resolve():
             raise ConfigError(
@@ -568,6 +566,8 @@ class Trainer:
             opt_state["state"].setdefault(int(pid), {})[name] = value
         raw_opt.load_state_dict(opt_state)
         self.scheduler.scheduler.load_state_dict(state["scheduler"])
+        if acc.scaler is not None and state.get("grad_scaler"):
+            acc.scaler.load_state_dict(state["grad_scaler"])
         saved_world = state["world_size"]
         rank = acc.process_index
         _set_rng_state({k: v[rank % v.shape[0]] for k, v in contents.rng.items()})
@@ -579,14 +579,14 @@ class Trainer:
         self._epoch_time_before = state["epoch_time_before_s"]
         if self.samples_in_epoch:
             stats = contents.progress["epoch_stats"]  # [saved world, steps done, 2]
-            carry = contents.progress["epoch_carry"].to(torch.float64)
+            carry = contents.progress["epoch_carry"].to(torch.float32)  # older checkpoints: float64
             self._stats = torch.zeros(self.steps_per_epoch, 2, device=acc.device)
             self._stats_filled = 0
             if saved_world == self.num_processes and carry.numel() == 0:
                 self._stats[: stats.shape[1]] = stats[rank].to(acc.device)
                 self._stats_filled = stats.shape[1]
             else:  # elastic: the finished part of this epoch is kept aside, in the same units
-                self._carry = torch.cat([carry, stats.reshape(-1, 2).to(torch.float64)])
+                self._carry = torch.cat([carry, stats.reshape(-1, 2)])
                 self._carry_curve = list(state["epoch_loss_curve"])
         if saved_world != self.num_processes:
             self._rescale_schedule()
@@ -711,7 +711,7 @@ def _rng_state() -> dict[str, Tensor]:
     state = {
         "torch": torch.get_rng_state(),
         "python_mt": torch.tensor(mt, dtype=torch.int64),
-        "python_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
+        "python_gauss": _float64([float("nan") if gauss is None else gauss]),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -720,18 +720,38 @@ def _rng_state() -> dict[str, Tensor]:
 
         _, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
-        state["numpy_rest"] = torch.tensor([pos, has_gauss, cached], dtype=torch.float64)
+        state["numpy_rest"] = _float64([pos, has_gauss, cached])
     except ImportError:
         pass
     return state
 
 
+def _float64(values: list[float]) -> Tensor:
+    """A float64 host tensor built from bytes (no tensor op, so nothing float64 ever runs on a device)."""
+    return torch.frombuffer(bytearray(struct.pack(f"<{len(values)}d", *values)), dtype=torch.float64)
+
+
+def _as_int64(t: Tensor) -> Tensor:
+    """A host tensor as int64, for a gather on the training device: uint8 by value (gloo's uint8
+    gather returned invalid rows for process 1 here), float64 by its bits (MPS has no float64)."""
+    if t.dtype == torch.float64:
+        return t.view(torch.int64)
+    return t.to(torch.int64)
+
+
+def _from_int64(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Undoes `_as_int64` on the host (float64 rebuilt from the bytes, without a float64 tensor op)."""
+    if dtype == torch.float64:
+        return torch.frombuffer(bytearray(t.numpy().tobytes()), dtype=torch.float64).reshape(t.shape)
+    return t.to(dtype)
+
+
 def _set_rng_state(state: dict[str, Tensor]) -> None:
-    torch.set_rng_state(state["torch"].to(torch.uint8))
+    torch.set_rng_state(state["torch"].to(torch.uint8).clone())  # a row view: torch reads its storage
     gauss = state["python_gauss"].item()
     random.setstate((3, tuple(int(v) for v in state["python_mt"].tolist()), None if gauss != gauss else gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8))
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).clone())
     if "numpy_keys" in state:
         import numpy as np
 

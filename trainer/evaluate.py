@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,18 +150,20 @@ def evaluate_model(
     acc = accelerator
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=acc.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    losses_seen = []  # per-image float32 losses stay on the device (no float64 there: MPS has none)
     for images, labels in loader:
         logits = model(model_input(images, normalization, channels_last)).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
         predicted = logits.argmax(dim=1)
         losses, predicted, labels = acc.gather_for_metrics((losses, predicted, labels))
-        loss_sum += losses.double().sum()
+        losses_seen.append(losses)
         confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
     confusion = confusion.view(num_classes, num_classes).cpu()
     seen = int(confusion.sum())
+    # One transfer at the end; the sum is exact in double precision on the host.
+    loss_sum = math.fsum(torch.cat(losses_seen).tolist()) if losses_seen else 0.0
     return EvalResult(
-        correct=int(confusion.diagonal().sum()), seen=seen, loss=loss_sum.item() / max(seen, 1), confusion=confusion
+        correct=int(confusion.diagonal().sum()), seen=seen, loss=loss_sum / max(seen, 1), confusion=confusion
     )
 
 

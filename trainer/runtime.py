@@ -1,0 +1,138 @@
+"""Processes that agree: a failure on one process (one machine) stops all of them at once.
+
+Without this, a process that hits a user error (data missing on its machine, a checkpoint its
+machine cannot see) exits, while the others wait in the next collective until the process
+group's timeout, many minutes later, with nothing on their screen. Here every process takes
+part in a small all-gather after each step that can fail on one machine only, and every
+process raises when any of them failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError
+
+SHARED_STORAGE = "checkpoints must be on storage that every machine can read (a shared file system)"
+
+
+class PeerError(ConfigError):
+    """Another process failed; its own message says why (this one names it)."""
+
+
+def world_size() -> int:
+    """The number of processes the launcher started (torchrun's and accelerate's WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _gather_ints(values: list[int]) -> torch.Tensor:
+    """Every process's `values`, as an int64 tensor [processes, len(values)] on the host."""
+    from accelerate.utils import gather
+
+    state = _state()
+    return gather(torch.tensor([values], dtype=torch.int64, device=state.device)).cpu()
+
+
+def agree(error: Exception | None, what: str) -> None:
+    """Collective: raises on every process when any process passes an error.
+
+    The process that failed raises its own error; the others raise a PeerError naming the
+    processes that failed and `what` they were doing.
+    """
+    if world_size() == 1 or _state().num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    failed = [r for r, (flag,) in enumerate(_gather_ints([0 if error is None else 1]).tolist()) if flag]
+    if error is not None:
+        raise error
+    if failed:
+        names = ", ".join(str(r) for r in failed)
+        raise PeerError(f"process {names} could not {what} (its message says why); stopping all processes")
+
+
+def resolve_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] = lambda _: None) -> Path:
+    """The verified checkpoint folder that `--resume` names: 'latest' in `run_dir`, or a path."""
+    if resume == "latest":
+        folder = ckpt.find_latest(run_dir, warn=warn)
+        if folder is None:
+            raise ckpt.CheckpointError(f"--resume latest: no complete checkpoint in {run_dir}")
+        return folder
+    folder = Path(resume)
+    if folder.name == ckpt.MODEL_NAME:
+        folder = folder.parent
+    if not folder.exists():
+        raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint folder")
+    folder = folder.resolve()
+    ckpt.verify(folder)
+    return folder
+
+
+def _manifest_digest(folder: Path) -> list[int]:
+    digest = hashlib.sha256((folder / ckpt.MANIFEST_NAME).read_bytes()).digest()
+    return [int.from_bytes(digest[i : i + 8], "little", signed=True) for i in range(0, 32, 8)]
+
+
+def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] = lambda _: None) -> Path:
+    """The checkpoint every process resumes from: the main process chooses it, and every other
+    process checks that it reads that same checkpoint (the same step and manifest) on its own
+    machine. Any failure stops every process with exit code 2 (see `agree`)."""
+    if world_size() == 1 or _state().num_processes == 1:
+        return resolve_checkpoint(resume, run_dir, warn)
+    from accelerate.utils import broadcast
+
+    state = _state()
+    chosen, error, choice = None, None, [-1] * 5
+    if state.is_main_process:
+        try:
+            chosen = resolve_checkpoint(resume, run_dir, warn)
+            choice = [_step(chosen), *_manifest_digest(chosen)]
+        except (ckpt.CheckpointError, OSError) as exc:
+            error = exc if isinstance(exc, ckpt.CheckpointError) else ckpt.CheckpointError(f"{chosen}: {exc}")
+    choice = broadcast(torch.tensor(choice, dtype=torch.int64, device=state.device)).cpu().tolist()
+    if choice[0] < 0:  # the main process found nothing to resume: it says why, the others stop quietly
+        raise error if error is not None else PeerError("process 0 could not find the checkpoint to resume")
+    if not state.is_main_process:
+        mine = run_dir / ckpt.step_dir_name(choice[0]) if resume == "latest" else Path(resume)
+        if mine.name == ckpt.MODEL_NAME:
+            mine = mine.parent
+        try:
+            ckpt.verify(mine)
+            if _manifest_digest(mine) != choice[1:]:
+                raise ckpt.CheckpointError(f"{mine} is not the checkpoint that process 0 resumes from")
+            chosen = mine.resolve()
+        except (ckpt.CheckpointError, OSError) as exc:
+            error = ckpt.CheckpointError(
+                f"cannot read checkpoint {ckpt.step_dir_name(choice[0])} that process 0 resumes from "
+                f"({_first_line(exc)}); {SHARED_STORAGE}"
+            )
+    agree(error, f"read checkpoint {ckpt.step_dir_name(choice[0])}; {SHARED_STORAGE}")
+    return chosen
+
+
+def _step(folder: Path) -> int:
+    match = ckpt.STEP_DIR.match(folder.name)
+    if match is None:
+        raise ckpt.CheckpointError(f"{folder} is not named like a checkpoint (step_NNNNNNN)")
+    return int(match.group(1))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
