@@ -286,14 +286,19 @@ class Forked:
 
 
 def fork_processes(
-    args: list[str],
+    args: list[str] | Callable[[int], list[str]],
     nproc: int = 1,
     target: Callable[[list[str]], int] = _cli_main,
     logs: Path | None = None,
     env: dict[str, str] | None = None,
+    machines: int = 1,
 ) -> Forked:
     """Starts `target(args)` (default: the trainer's CLI) in `nproc` forked processes with the
-    environment torchrun gives its workers (none for nproc=1: a plain `python -m trainer`)."""
+    environment torchrun gives its workers (none for nproc=1: a plain `python -m trainer`).
+
+    `args` may be a function of the rank (machines that differ, say in their folders), and
+    `machines` spreads the processes over that many simulated machines (torchrun --nnodes), each
+    with its own local ranks."""
     import tempfile
 
     # Imported here, once, so that no child pays for importing accelerate and the rest again.
@@ -304,16 +309,18 @@ def fork_processes(
     logs.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     pids = []
+    per_machine = nproc // machines
     for rank in range(nproc):
         child_env = {"TRAINER_OFFLINE": "1", **(env or {})}
         if nproc > 1:
-            child_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                             LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+            child_env.update(RANK=str(rank), LOCAL_RANK=str(rank % per_machine), WORLD_SIZE=str(nproc),
+                             LOCAL_WORLD_SIZE=str(per_machine), GROUP_RANK=str(rank // per_machine),
+                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _run_child(target, args, child_env, logs / f"rank{rank}")
+            _run_child(target, args(rank) if callable(args) else args, child_env, logs / f"rank{rank}")
         pids.append(pid)
     return Forked(pids, logs)
 

@@ -23,7 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+# 2: the float parts of the RNG states are stored as int64 bits (`*_bits`); version 1 is still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MODEL_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
@@ -145,7 +147,9 @@ def save(
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    """Host copies where needed (a tensor already on the host as it must be is written as it is)."""
+    ready = lambda v: v.device.type == "cpu" and v.is_contiguous() and not v.requires_grad  # noqa: E731
+    return {k: v if ready(v) else v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def verify(folder: Path) -> dict[str, Any]:
@@ -161,7 +165,7 @@ def verify(folder: Path) -> dict[str, Any]:
         version = manifest["format_version"]
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{manifest_path} is not a valid manifest") from None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{folder} has checkpoint format version {version}; this trainer reads version {FORMAT_VERSION}"
         )

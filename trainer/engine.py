@@ -439,8 +439,7 @@ class Trainer:
     def _save(self, best_candidate: bool) -> None:
         """Every process calls this: gathers what only it knows, the main process writes, all wait."""
         acc = self.accelerator
-        rng = {k: _from_int64(acc.gather(_as_int64(v).to(acc.device).unsqueeze(0)).cpu(), v.dtype)
-               for k, v in _rng_state().items()}  # fmt: skip
+        rng = {k: acc.gather(v.to(acc.device).unsqueeze(0)).cpu() for k, v in _rng_state().items()}
         progress = {}
         if self.samples_in_epoch:  # mid-epoch: the interrupted epoch's per-step stats of every process
             progress["epoch_stats"] = acc.gather(self._stats[: self._stats_filled].unsqueeze(0)).cpu()
@@ -706,54 +705,49 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _rng_state() -> dict[str, Tensor]:
-    """This process's random generators as fixed-size tensors (so they can be gathered)."""
+    """This process's random generators as fixed-size int64 tensors, to be gathered on the training
+    device: uint8 states by value (gloo's uint8 gather returned invalid rows for process 1 here),
+    Python's and numpy's float parts by their bits (MPS has no float64)."""
     version, mt, gauss = random.getstate()
     state = {
-        "torch": torch.get_rng_state(),
+        "torch": torch.get_rng_state().to(torch.int64),
         "python_mt": torch.tensor(mt, dtype=torch.int64),
-        "python_gauss": _float64([float("nan") if gauss is None else gauss]),
+        "python_gauss_bits": _float_bits([float("nan") if gauss is None else gauss]),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().to(torch.int64)
     try:
         import numpy as np
 
         _, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
-        state["numpy_rest"] = _float64([pos, has_gauss, cached])
+        state["numpy_rest_bits"] = _float_bits([pos, has_gauss, cached])
     except ImportError:
         pass
     return state
 
 
-def _float64(values: list[float]) -> Tensor:
-    """A float64 host tensor built from bytes (no tensor op, so nothing float64 ever runs on a device)."""
-    return torch.frombuffer(bytearray(struct.pack(f"<{len(values)}d", *values)), dtype=torch.float64)
+def _float_bits(values: list[float]) -> Tensor:
+    """Doubles as the int64 tensor of their IEEE-754 bits (exact, and no float64 tensor anywhere)."""
+    return torch.tensor(struct.unpack(f"<{len(values)}q", struct.pack(f"<{len(values)}d", *values)))
 
 
-def _as_int64(t: Tensor) -> Tensor:
-    """A host tensor as int64, for a gather on the training device: uint8 by value (gloo's uint8
-    gather returned invalid rows for process 1 here), float64 by its bits (MPS has no float64)."""
-    if t.dtype == torch.float64:
-        return t.view(torch.int64)
-    return t.to(torch.int64)
-
-
-def _from_int64(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """Undoes `_as_int64` on the host (float64 rebuilt from the bytes, without a float64 tensor op)."""
-    if dtype == torch.float64:
-        return torch.frombuffer(bytearray(t.numpy().tobytes()), dtype=torch.float64).reshape(t.shape)
-    return t.to(dtype)
+def _floats(state: dict[str, Tensor], name: str) -> list[float]:
+    """Undoes `_float_bits` (`name`_bits); checkpoints of format 1 hold `name` as float64."""
+    if name in state:
+        return state[name].tolist()
+    bits = state[f"{name}_bits"].tolist()
+    return list(struct.unpack(f"<{len(bits)}d", struct.pack(f"<{len(bits)}q", *bits)))
 
 
 def _set_rng_state(state: dict[str, Tensor]) -> None:
     torch.set_rng_state(state["torch"].to(torch.uint8).clone())  # a row view: torch reads its storage
-    gauss = state["python_gauss"].item()
+    (gauss,) = _floats(state, "python_gauss")
     random.setstate((3, tuple(int(v) for v in state["python_mt"].tolist()), None if gauss != gauss else gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).clone())
     if "numpy_keys" in state:
         import numpy as np
 
-        pos, has_gauss, cached = state["numpy_rest"].tolist()
+        pos, has_gauss, cached = _floats(state, "numpy_rest")
         np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), int(pos), int(has_gauss), cached))
