@@ -129,10 +129,14 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
-        self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
-            self.model, self.optimizer, self.train_loader, self.eval_loader
-        )
         self._setup_schedule()
+        # All at once, as accelerate expects: its optimizer wrapper keeps the step that the scheduler
+        # wrapped (a scheduler made later makes torch warn about an overridden step in fp16 runs).
+        self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler
+        )
+        if self._steps_in(0, 0) != self.steps_per_epoch:
+            raise RuntimeError(f"{self._steps_in(0, 0)} prepared steps per epoch, {self.steps_per_epoch} planned")
         # Bookkeeping of where the run is: the next epoch (0-based) and the position inside it.
         self.global_step = 0
         self.epoch = 0
@@ -206,12 +210,17 @@ class Trainer:
         its position the amount of data seen, whatever the process count; sizing it as
         `(steps - 1) * N + 1` units puts the last optimizer step exactly on OneCycle's final LR.
         """
-        self.steps_per_epoch = self._steps_in(0, 0)
-        total_steps = self.steps_per_epoch * self.config.epochs
-        self.scheduler = self.accelerator.prepare(self._new_onecycle((total_steps - 1) * self.num_processes + 1))
+        cfg = self.config
+        samples = self.train_size
+        if cfg.limit_train_batches is not None:
+            samples = min(samples, cfg.limit_train_batches * self.num_processes * cfg.batch_size)
+        # What accelerate's sharding of the drop_last loader gives each process (checked after prepare).
+        self.steps_per_epoch = samples // cfg.batch_size // self.num_processes
+        total_steps = self.steps_per_epoch * cfg.epochs
+        self.scheduler = self._new_onecycle((total_steps - 1) * self.num_processes + 1)
 
     def _new_onecycle(self, total_units: int) -> torch.optim.lr_scheduler.OneCycleLR:
-        raw = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        raw = getattr(self.optimizer, "optimizer", self.optimizer)  # the one accelerate wraps, once prepared
         return torch.optim.lr_scheduler.OneCycleLR(
             raw, max_lr=self.config.lr, total_steps=max(total_units, 2), cycle_momentum=self.config.cycle_momentum
         )
