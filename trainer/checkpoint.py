@@ -33,6 +33,7 @@ PROGRESS_NAME = "progress.safetensors"
 STATE_NAME = "state.json"
 MANIFEST_NAME = "manifest.json"
 BEST_LINK = "best"
+LOCK_NAME = ".lock"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TMP_PREFIX = ".tmp-"
 
@@ -69,15 +70,83 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Replaces `path` with `obj` as JSON so that readers see the old or the new file, never half."""
+def write_lines_atomic(path: Path, rows: list[Any]) -> None:
+    """Replaces `path` with one JSON line per row, so that readers (and a full disk) leave the old
+    file or the new one, never half of one."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_user_made(path: Path) -> None:
+    """The mode any file the user creates gets (0666 & ~umask); safetensors writes 0600 files."""
+    os.chmod(path, 0o666 & ~umask())
+
+
+class RunLock:
+    """One writer per run folder: an exclusive `flock` on `.lock` in it, held while a run writes.
+
+    The OS drops the lock when its process ends in any way, kill -9 included, so a lock is never
+    stale; the file stays and names the last holder. Readers (evaluate, predict, plot) never lock.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")  # noqa: SIM115 (held open as long as the lock)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read(200).strip() or "another process"
+            file.close()
+            raise CheckpointError(
+                f"run folder {self.path.parent} is in use by another run ({holder}); wait for it to end, "
+                "or choose another --run-name"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        """Closing the file releases the lock (so does the file's garbage collection, or the process's end)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a read-only folder): earlier ones are intact."""
 
 
 @dataclass
@@ -90,6 +159,28 @@ class CheckpointContents:
     rng: dict[str, torch.Tensor]
     progress: dict[str, torch.Tensor]
     state: dict[str, Any]  # JSON: step, epoch, data position, scheduler, optimizer groups, config, history
+
+    def nbytes(self) -> int:
+        """About what the checkpoint takes on disk."""
+        tensors = (*self.model.values(), *self.optimizer.values(), *self.rng.values(), *self.progress.values())
+        return sum(t.numel() * t.element_size() for t in tensors) + len(json.dumps(self.state)) + 16_384
+
+
+def describe_write_error(exc: BaseException, what: str, folder: Path, needed: int | None = None) -> str:
+    """One line for a failed write: what, where, why, and the space free there (and needed)."""
+    import shutil
+
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    try:
+        free = f"{_mib(shutil.disk_usage(folder if folder.exists() else folder.parent).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    need = f", one checkpoint needs about {_mib(needed)}" if needed else ""
+    return f"could not write {what} in {folder} ({reason}); {free}{need}; earlier checkpoints and logs are intact"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def save(
@@ -117,6 +208,8 @@ def save(
         save_file(_contiguous(contents.optimizer), tmp / OPTIMIZER_NAME, metadata={"format": "pt"})
         save_file(_contiguous(contents.rng), tmp / RNG_NAME, metadata={"format": "pt"})
         save_file(_contiguous(contents.progress), tmp / PROGRESS_NAME, metadata={"format": "pt"})
+        for name in (MODEL_NAME, OPTIMIZER_NAME, RNG_NAME, PROGRESS_NAME):
+            _as_user_made(tmp / name)
         with open(tmp / STATE_NAME, "w") as f:
             json.dump(contents.state, f, indent=1)
         files = {}
@@ -140,6 +233,9 @@ def save(
             discard(final)
         os.rename(tmp, final)
         _fsync_dir(run_dir)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(describe_write_error(exc, f"checkpoint {final.name}", run_dir, contents.nbytes())) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

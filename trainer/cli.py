@@ -13,8 +13,9 @@ from typing import Any
 
 from trainer.config import ConfigError, TrainConfig
 
-# Settings of where and how this command runs, never taken from a checkpoint on --resume.
-NOT_RESUMED = ("resume", "cpu", "progress")
+# Settings of where and how this command runs, never taken from a checkpoint on --resume (the
+# run folder is the checkpoint's own unless --run-name branches off; see parse_config).
+NOT_RESUMED = ("resume", "cpu", "progress", "output_dir", "run_name", "mixed_precision")
 GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "data": "data and evaluation", "infra": "infrastructure"}
 
 
@@ -60,10 +61,19 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     explicit = _explicit_names(parser, argv)
     if args["resume"] is not None:
-        saved = _checkpoint_config(args)
-        for name, value in saved.items():
+        state = _checkpoint_state(args)
+        for name, value in state["config"].items():
             if name not in explicit and name not in NOT_RESUMED and name in args:
                 args[name] = value
+        if args["resume"] != "latest" and "output_dir" not in explicit:
+            # A branch (--run-name) goes beside the run it branches from; without --run-name the
+            # Trainer continues in the checkpoint's own run folder.
+            checkpoint = Path(args["resume"])
+            checkpoint = checkpoint.parent if checkpoint.name == "model.safetensors" else checkpoint
+            args["output_dir"] = str(checkpoint.absolute().parent.parent)
+        if "mixed_precision" not in explicit and not os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            # The precision the run was trained in, whatever set it then (a flag, a launch config).
+            args["mixed_precision"] = state.get("mixed_precision", state["config"].get("mixed_precision"))
     return TrainConfig(**args)
 
 
@@ -83,16 +93,18 @@ def _explicit_names(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     return {k for k, v in values.items() if v is not sentinel}
 
 
-def _checkpoint_config(args: dict[str, Any]) -> dict[str, Any]:
-    """The settings stored in the checkpoint that --resume names (all processes agree on which)."""
+def _checkpoint_state(args: dict[str, Any]) -> dict[str, Any]:
+    """state.json of the checkpoint that --resume names (all processes agree on which)."""
     from trainer import checkpoint as ckpt
     from trainer.runtime import agree_on_checkpoint
 
     run_dir = Path(args["output_dir"]) / (args["run_name"] or args["dataset"])
     folder = agree_on_checkpoint(args["resume"], run_dir)
     try:
-        return json.loads((folder / ckpt.STATE_NAME).read_text())["config"]
-    except (KeyError, ValueError, OSError) as exc:
+        state = json.loads((folder / ckpt.STATE_NAME).read_text())
+        state["config"]["epochs"]  # noqa: B018 (a state without a config is unreadable)
+        return state
+    except (KeyError, TypeError, ValueError, OSError) as exc:
         raise ckpt.CheckpointError(f"{folder / ckpt.STATE_NAME}: unreadable run configuration ({exc})") from None
 
 
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             return fail(str(exc), everywhere=False)
     from trainer.checkpoint import CheckpointError
-    from trainer.engine import Stopped, Trainer
+    from trainer.engine import DIVERGED_EXIT_CODE, Diverged, Stopped, Trainer
     from trainer.runtime import PeerError, world_size
 
     try:
@@ -158,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
     except PeerError as exc:  # another process failed and said why; the main process names it
         return fail(str(exc), everywhere=False)
+    except Diverged as exc:  # every process saw the same non-finite values
+        return fail(str(exc), DIVERGED_EXIT_CODE, everywhere=False)
     except (ConfigError, CheckpointError) as exc:
         return fail(str(exc))
     except Stopped as exc:

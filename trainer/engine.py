@@ -57,6 +57,14 @@ class Stopped(Exception):
         self.signum, self.checkpoint = signum, checkpoint
 
 
+class Diverged(Exception):
+    """The loss or the weights stopped being finite; nothing after the last finite checkpoint was saved.
+    The CLI exits with DIVERGED_EXIT_CODE."""
+
+
+DIVERGED_EXIT_CODE = 3
+
+
 def make_accelerator(config: TrainConfig):
     """The one Accelerator: devices, processes and precision come from it (and accelerate's config)."""
     from accelerate import Accelerator, DataLoaderConfiguration
@@ -117,7 +125,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, accelerator=None) -> None:
-        self.config = config
+        self.config = config = _placed(config)
         self.accelerator = accelerator or make_accelerator(config)
         self.report = Reporter(self.accelerator.is_main_process, config.progress)
         self.run_dir = Path(config.output_dir) / config.name
@@ -143,8 +151,9 @@ class Trainer:
         self.samples_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.curves: list[dict[str, Any]] = []
-        self._carry = torch.zeros(0, 2)  # an interrupted epoch's per-step stats from another world size
+        self._stats = torch.zeros(self.steps_per_epoch, 2, device=self.accelerator.device)  # per step: loss, correct
         self._stats_filled = 0
+        self._carry = torch.zeros(0, 2)  # an interrupted epoch's per-step stats from another world size
         self._carry_curve: list[float] = []  # per-step mean loss of that part, for curves.jsonl
         self._epoch_lrs: list[float] = []
         self._epoch_time_before = 0.0
@@ -226,27 +235,45 @@ class Trainer:
         )
 
     def _prepare_run_dir(self) -> None:
-        cfg = self.config
-        if cfg.resume is None:
-            holds = [p.name for p in (self.run_dir / METRICS_NAME, *ckpt.list_checkpoints(self.run_dir)) if p.exists()]
-            if holds:
-                raise ConfigError(
-                    f"run folder {self.run_dir} already holds results ({', '.join(holds[:3])}); pass "
-                    "--resume latest to continue it, or choose another --run-name"
-                )
-        else:
-            self._resume(self._find_resume_point(cfg.resume))
-        if self.accelerator.is_main_process:
+        """Locks the run folder (the main process), then checks it or resumes from it."""
+        cfg, acc = self.config, self.accelerator
+        self._lock = ckpt.RunLock(self.run_dir)
+        error: Exception | None = None
+        if acc.is_main_process:
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._lock.acquire()  # before anything is written: one writer per run folder
+                ckpt.remove_stale_temporaries(self.run_dir)
+                holds = [p.name for p in (self.run_dir / METRICS_NAME, *ckpt.list_checkpoints(self.run_dir))
+                         if p.exists()]  # fmt: skip
+                if cfg.resume is None and holds:
+                    error = ConfigError(
+                        f"run folder {self.run_dir} already holds results ({', '.join(holds[:3])}); pass "
+                        "--resume latest to continue it, or choose another --run-name"
+                    )
             except OSError as exc:
-                raise ConfigError(f"cannot create the run folder {self.run_dir}: {exc.strerror}") from None
-            ckpt.remove_stale_temporaries(self.run_dir)
-        self.accelerator.wait_for_everyone()
+                error = ConfigError(f"cannot create the run folder {self.run_dir}: {exc.strerror}")
+            except ckpt.CheckpointError as exc:
+                error = exc
+        try:
+            runtime.agree(error, f"use the run folder {self.run_dir}")
+            if cfg.resume is not None:
+                self._resume(self._find_resume_point(cfg.resume))
+            acc.wait_for_everyone()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the run folder for another run (fit() does this when it ends)."""
+        self._lock.release()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, Any]]:
         """Trains until `config.epochs` epochs are done; returns the per-epoch metrics records."""
+        if self.epoch >= self.config.epochs:
+            self.report.line(f"run already complete ({self.config.epochs} epochs): {self.run_dir}")
+            self.close()
+            return self.history
         self._announce()
         if self.accelerator.log_with:
             settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -259,6 +286,7 @@ class Trainer:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
             self.accelerator.trackers = []
+            self.close()
 
     def _fit(self) -> list[dict[str, Any]]:
         with _StopSignals(self):
@@ -267,6 +295,7 @@ class Trainer:
                 if train is None:  # stopped mid-epoch; a checkpoint was written
                     raise Stopped(self._stop_signal, self._last_saved)
                 valid = self.evaluate()
+                self._check_finite(train["curve"]["loss"], valid.loss)
                 record = self._epoch_record(train, valid)
                 self.history.append(record)
                 self.epoch, self.samples_in_epoch = self.epoch + 1, 0
@@ -275,9 +304,12 @@ class Trainer:
                 self.report.epoch_row(record)
                 self._save(best_candidate=True)
                 # Every process takes part in this agreement, also one that already holds a signal.
-                if self._stop_agreed(force=True):
+                # After the last epoch there is nothing left to stop: the run is complete.
+                if self.epoch < self.config.epochs and self._stop_agreed(force=True):
                     self._print_resume_hint()
                     raise Stopped(self._stop_signal or signal.SIGTERM, self._last_saved)
+        if self._stop_signal is not None:
+            self.report.line(f"{signal.Signals(self._stop_signal).name} came after the last step: the run is complete")
         return self.history
 
     def train_epoch(self) -> dict[str, Any] | None:
@@ -361,13 +393,35 @@ class Trainer:
             return self._stop_signal is not None
         if not force and step % STOP_CHECK_EVERY:
             return False
-        flag = torch.tensor(
-            [0 if self._stop_signal is None else int(self._stop_signal)], device=self.accelerator.device
-        )
-        agreed = int(self.accelerator.gather(flag).max().item())
+        # One tiny gather carries both questions: a stop signal, and a loss that stopped being finite.
+        device = self.accelerator.device
+        signum = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)], device=device)
+        diverged = (~torch.isfinite(self._stats[: self._stats_filled, 0])).any().reshape(1).to(torch.int64)
+        agreed, bad = self.accelerator.gather(torch.stack([signum, diverged], dim=1)).max(dim=0).values.tolist()
+        if bad:
+            raise Diverged(self._diverged_message(f"the training loss stopped being finite by step {self.global_step}"))
         if agreed and self._stop_signal is None:
             self._stop_signal = agreed
         return agreed > 0
+
+    def _check_finite(self, losses: list[float], valid_loss: float) -> None:
+        """The epoch's per-step losses and its validation loss are finite (host values: no sync)."""
+        bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+        if bad is not None:
+            step = self.global_step - len(losses) + bad + 1
+            raise Diverged(self._diverged_message(f"the training loss was {losses[bad]} at step {step}"))
+        if not math.isfinite(valid_loss):
+            raise Diverged(
+                self._diverged_message(f"the validation loss was {valid_loss} after step {self.global_step}")
+            )
+
+    def _diverged_message(self, what: str) -> str:
+        last = getattr(self, "_last_saved", None)
+        kept = f"the last checkpoint, {last.name}, is finite" if last else "no checkpoint was written"
+        return (
+            f"training diverged: {what} (epoch {self.epoch + 1}); {kept}; "
+            f"lower --lr (this run: {self.config.lr}) or use fp32"
+        )
 
     def request_stop(self, signum: int) -> None:
         """Asks the loop to save and stop after the current step (what the signal handlers call)."""
@@ -416,13 +470,7 @@ class Trainer:
 
     def _write_epoch_logs(self, record: dict[str, Any], curve: dict[str, Any]) -> None:
         self.curves.append({"epoch": record["epoch"], "last_step": record["step"], **curve})
-        if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for name, obj in ((METRICS_NAME, record), (CURVES_NAME, self.curves[-1])):
-                with open(self.run_dir / name, "a") as f:
-                    f.write(json.dumps(obj) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+        self._write_logs()
 
     def _log_to_trackers(self, record: dict[str, Any], curve: dict[str, Any]) -> None:
         """--log-with: the per-step loss and LR, then the epoch's metrics, at their optimizer steps."""
@@ -435,19 +483,29 @@ class Trainer:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
         acc.log({f"epoch/{k}": v for k, v in scalars.items()} | {"epoch": record["epoch"]}, step=record["step"])
 
-    def _rewrite_logs(self) -> None:
-        """After a resume: the logs are exactly the checkpoint's history (later lines belonged to a lost future)."""
+    def _write_logs(self) -> None:
+        """metrics.jsonl and curves.jsonl as the run's history so far, each file replaced whole: a
+        full disk leaves the previous file, never half a line. After a resume, lines that belonged
+        to a lost future are gone."""
+        error = None
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for name, rows in ((METRICS_NAME, self.history), (CURVES_NAME, self.curves)):
-                tmp = self.run_dir / f"{ckpt.TMP_PREFIX}{name}"
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                os.replace(tmp, self.run_dir / name)
+            try:
+                for name, rows in ((METRICS_NAME, self.history), (CURVES_NAME, self.curves)):
+                    ckpt.write_lines_atomic(self.run_dir / name, rows)
+            except OSError as exc:
+                error = ckpt.SaveError(ckpt.describe_write_error(exc, "the run's logs", self.run_dir))
+        runtime.agree(error, "write the run's logs")
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, best_candidate: bool) -> None:
         """Every process calls this: gathers what only it knows, the main process writes, all wait."""
         acc = self.accelerator
+        # Never a checkpoint of a diverged run: its weights (and this epoch's losses so far) must be finite.
+        finite = [torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()]
+        finite.append(torch.isfinite(self._stats[: self._stats_filled, 0]).all())
+        bad = (~torch.stack(finite).all()).reshape(1).to(torch.int64)
+        if int(acc.gather(bad).max().item()):
+            raise Diverged(self._diverged_message(f"the weights or the loss are not finite at step {self.global_step}"))
         rng = {k: acc.gather(v.to(acc.device).unsqueeze(0)).cpu() for k, v in _rng_state().items()}
         progress = {}
         if self.samples_in_epoch:  # mid-epoch: the interrupted epoch's per-step stats of every process
@@ -458,14 +516,13 @@ class Trainer:
             try:
                 folder = ckpt.save(self.run_dir, self.global_step, self._checkpoint_contents(rng, progress))
                 self._after_save(folder, best_candidate)
-            except OSError as exc:
-                error = (
-                    f"could not save checkpoint step {self.global_step} in {self.run_dir}: {exc}; "
-                    "earlier checkpoints are intact"
-                )
+            except ckpt.SaveError as exc:
+                error = str(exc)
+            except OSError as exc:  # updating `best` or pruning, after the new checkpoint is complete
+                error = ckpt.describe_write_error(exc, "the run folder's links", self.run_dir)
         status = torch.tensor([1 if error else 0], device=acc.device)
         if int(acc.reduce(status, reduction="sum").item()):
-            raise ckpt.CheckpointError(error or "the main process could not save a checkpoint")
+            raise ckpt.SaveError(error) if error else runtime.PeerError("process 0 could not save a checkpoint")
         self._last_saved = self.run_dir / ckpt.step_dir_name(self.global_step)
 
     def _after_save(self, folder: Path, best_candidate: bool) -> None:
@@ -559,6 +616,7 @@ class Trainer:
             raise ConfigError(
                 f"{folder / ckpt.MODEL_NAME} holds a {contents.model_metadata.get('architecture')!r} model"
             )
+        self._check_precision(folder, state.get("mixed_precision", "no"))
         try:
             acc.unwrap_model(self.model).load_state_dict(contents.model)
         except RuntimeError as exc:
@@ -602,8 +660,25 @@ class Trainer:
                 f"resuming a {saved_world}-process checkpoint on {self.num_processes} processes: the data "
                 "order and LR position carry over; results will not be bitwise equal to an unbroken run"
             )
-        self._rewrite_logs()
-        self.report.line(f"resumed from {folder} (step {self.global_step})")
+        self._last_saved = folder
+        self._write_logs()
+        if self.epoch < cfg.epochs:
+            self.report.line(f"resumed from {folder} (step {self.global_step})")
+
+    def _check_precision(self, folder: Path, saved: str) -> None:
+        """A resumed run keeps its precision, unless --mixed-precision asks for another one (a warning)."""
+        now = self.accelerator.mixed_precision
+        if now == saved:
+            return
+        if self.config.mixed_precision is None:  # from accelerate's config or environment: not chosen here
+            raise ConfigError(
+                f"checkpoint {folder} was trained in {saved} precision, and this launch would resume it in {now} "
+                f"(accelerate's config or ACCELERATE_MIXED_PRECISION); launch it as it was started (the printed "
+                f"resume command does), or pass --mixed-precision {now} to change precision on purpose"
+            )
+        self.report.warn(
+            f"resuming a {saved} checkpoint in {now}, as --mixed-precision asks: the run will not equal an unbroken one"
+        )
 
     def _rescale_schedule(self) -> None:
         """Another world size: keep the units done, size the rest to the steps that remain now."""
@@ -694,6 +769,23 @@ def resume_command(args: list[str] | None = None) -> str:
     else:
         launcher = ["python", "-m", "trainer"]
     return shlex.join(launcher + cleaned)
+
+
+def _placed(config: TrainConfig) -> TrainConfig:
+    """The config with absolute paths (a resume never depends on the working directory), and, when
+    it resumes a checkpoint by path without naming a run, that checkpoint's own run folder."""
+    import dataclasses
+
+    changes: dict[str, Any] = {
+        "data_dir": str(Path(config.data_dir).absolute()),
+        "output_dir": str(Path(config.output_dir).absolute()),
+    }
+    if config.resume not in (None, "latest") and config.run_name is None:
+        folder = Path(config.resume)
+        folder = folder.parent if folder.name == ckpt.MODEL_NAME else folder
+        run = folder.absolute().parent
+        changes.update(output_dir=str(run.parent), run_name=run.name)
+    return dataclasses.replace(config, **changes)
 
 
 def _step_of(folder: Path) -> int:
