@@ -204,7 +204,8 @@ def test_log_with_a_missing_tracker_is_one_line(run_main, tiny_data, tmp_path):
     "flags, fragment",
     [
         (["--epochs", "0"], "--epochs must be at least 1"),
-        (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr", "inf"], "--lr must be a positive number"),
         (["--run-name", "../x"], "--run-name"),
         (["--batch-size", "5000"], "fewer than one step needs"),
     ],

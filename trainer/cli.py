@@ -127,13 +127,11 @@ def die_with_launcher() -> None:
     trainer running as an orphan. Linux's PR_SET_PDEATHSIG turns the launcher's death into a
     SIGTERM for us, which the trainer answers like any SIGTERM: save, then exit.
     """
+    from trainer.runtime import launcher_argv
+
     parent = os.getppid()
-    try:
-        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
-    except OSError:  # not Linux
-        return
-    if not any(name in cmdline for name in (b"accelerate", b"torchrun", b"torch.distributed.run")):
-        return  # started from a shell: `nohup python -m trainer &` must survive the shell
+    if launcher_argv() is None:
+        return  # started from a shell (`nohup python -m trainer &` must survive the shell), or not Linux
     import ctypes
     import signal
 
@@ -145,6 +143,10 @@ def die_with_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (argparse itself exits 2 on malformed flags)."""
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     if argv is None:
         die_with_launcher()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -182,5 +184,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_entry() -> None:
-    """Console-script entry point."""
-    raise SystemExit(main())
+    """Entry point of `trainer` and `python -m trainer`."""
+    code = main()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Everything is saved and flushed; the interpreter's teardown of a gloo group whose peers
+        # (or whose launcher's store) are already gone can hang for minutes or abort (SIGABRT)
+        # after the run's last line. Leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

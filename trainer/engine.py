@@ -677,7 +677,8 @@ class Trainer:
                 f"resume command does), or pass --mixed-precision {now} to change precision on purpose"
             )
         self.report.warn(
-            f"resuming a {saved} checkpoint in {now}, as --mixed-precision asks: the run will not equal an unbroken one"
+            f"resuming a checkpoint trained in {saved} with --mixed-precision {now}: the run will not equal an "
+            "unbroken one"
         )
 
     def _rescale_schedule(self) -> None:
@@ -762,6 +763,9 @@ def resume_command(args: list[str] | None = None) -> str:
             continue
         cleaned.append(arg)
     cleaned += ["--resume", "latest"]
+    launcher = runtime.launcher_argv()
+    if launcher is not None:  # the launcher as it was started: its config file sets the precision again
+        return shlex.join([*launcher, "-m", "trainer", *cleaned])
     if "TORCHELASTIC_RUN_ID" in os.environ:
         launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1"), "-m", "trainer"]
     elif any(k.startswith("ACCELERATE_") for k in os.environ):

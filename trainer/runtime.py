@@ -14,10 +14,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from trainer import checkpoint as ckpt
 from trainer.config import ConfigError
+
+# torch (and the checkpoint module, which needs it) are imported where used: the CLI asks
+# launcher_argv() before its slow imports.
 
 SHARED_STORAGE = "checkpoints must be on storage that every machine can read (a shared file system)"
 
@@ -35,14 +35,36 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launcher_argv() -> list[str] | None:
+    """How `accelerate launch` or torchrun started this process: the launcher's command and its own
+    options (a config file, process counts), from the parent's command line; None otherwise."""
+    try:
+        tokens = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # not Linux
+        return None
+    for i, token in enumerate(tokens):
+        if token.endswith("accelerate") and tokens[i + 1 : i + 2] == ["launch"]:
+            name, start = ["accelerate", "launch"], i + 2
+        elif token == "accelerate.commands.launch":
+            name, start = ["accelerate", "launch"], i + 1
+        elif token.endswith("torchrun") or token == "torch.distributed.run":
+            name, start = ["torchrun"], i + 1
+        else:
+            continue
+        end = next((j for j in range(start, len(tokens) - 1) if tokens[j] == "-m" and tokens[j + 1] == "trainer"), None)
+        return name + tokens[start:end] if end is not None else name
+    return None
+
+
 def _state():
     from accelerate import PartialState
 
     return PartialState()
 
 
-def _gather_ints(values: list[int]) -> torch.Tensor:
+def _gather_ints(values: list[int]):
     """Every process's `values`, as an int64 tensor [processes, len(values)] on the host."""
+    import torch
     from accelerate.utils import gather
 
     state = _state()
@@ -69,6 +91,8 @@ def agree(error: Exception | None, what: str) -> None:
 
 def resolve_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] = lambda _: None) -> Path:
     """The verified checkpoint folder that `--resume` names: 'latest' in `run_dir`, or a path."""
+    from trainer import checkpoint as ckpt
+
     if resume == "latest":
         folder = ckpt.find_latest(run_dir, warn=warn)
         if folder is None:
@@ -85,6 +109,8 @@ def resolve_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] =
 
 
 def _manifest_digest(folder: Path) -> list[int]:
+    from trainer import checkpoint as ckpt
+
     digest = hashlib.sha256((folder / ckpt.MANIFEST_NAME).read_bytes()).digest()
     return [int.from_bytes(digest[i : i + 8], "little", signed=True) for i in range(0, 32, 8)]
 
@@ -93,6 +119,10 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
     """The checkpoint every process resumes from: the main process chooses it, and every other
     process checks that it reads that same checkpoint (the same step and manifest) on its own
     machine. Any failure stops every process with exit code 2 (see `agree`)."""
+    import torch
+
+    from trainer import checkpoint as ckpt
+
     if world_size() == 1 or _state().num_processes == 1:
         return resolve_checkpoint(resume, run_dir, warn)
     from accelerate.utils import broadcast
@@ -127,6 +157,8 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
 
 
 def _step(folder: Path) -> int:
+    from trainer import checkpoint as ckpt
+
     match = ckpt.STEP_DIR.match(folder.name)
     if match is None:
         raise ckpt.CheckpointError(f"{folder} is not named like a checkpoint (step_NNNNNNN)")
