@@ -89,6 +89,9 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
     assert records[0]["valid_seen"] == 1001 and records[0]["step"] == 24
     assert records[0]["valid_acc"] > 0.5  # the fake digits are easy; a broken loop stays near 0.1
     assert "SIGTERM received" in err and "--resume latest" in out
+    # The resume command starts the launcher as it was started, config file and all.
+    hint = next(line for line in out.splitlines() if line.startswith("resume with: "))
+    assert hint.startswith(f"resume with: accelerate launch --config_file {REPO / 'launch_configs/cpu.yaml'} -m trainer ")
     assert json.loads((latest / "state.json").read_text())["step"] >= 24
 
 
