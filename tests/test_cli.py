@@ -91,7 +91,8 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
     assert "SIGTERM received" in err and "--resume latest" in out
     # The resume command starts the launcher as it was started, config file and all.
     hint = next(line for line in out.splitlines() if line.startswith("resume with: "))
-    assert hint.startswith(f"resume with: accelerate launch --config_file {REPO / 'launch_configs/cpu.yaml'} -m trainer ")
+    config = REPO / "launch_configs" / "cpu.yaml"
+    assert hint.startswith(f"resume with: accelerate launch --config_file {config} -m trainer ")
     assert json.loads((latest / "state.json").read_text())["step"] >= 24
 
 

@@ -126,6 +126,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, accelerator=None) -> None:
         self.config = config = _placed(config)
+        runtime.launcher_argv()  # noted now, while the launcher lives (for the printed resume command)
         self.accelerator = accelerator or make_accelerator(config)
         self.report = Reporter(self.accelerator.is_main_process, config.progress)
         self.run_dir = Path(config.output_dir) / config.name

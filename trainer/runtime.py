@@ -35,9 +35,22 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+_launcher: tuple[int, list[str] | None] | None = None  # (this process's pid, what launcher_argv found)
+
+
 def launcher_argv() -> list[str] | None:
     """How `accelerate launch` or torchrun started this process: the launcher's command and its own
-    options (a config file, process counts), from the parent's command line; None otherwise."""
+    options (a config file, process counts), from the parent's command line; None otherwise.
+
+    Read once per process, while the launcher is alive (a launcher that dies first leaves the
+    trainer to another parent); the CLI and the Trainer ask at their start."""
+    global _launcher
+    if _launcher is None or _launcher[0] != os.getpid():
+        _launcher = (os.getpid(), _read_launcher_argv())
+    return _launcher[1]
+
+
+def _read_launcher_argv() -> list[str] | None:
     try:
         tokens = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:  # not Linux
