@@ -15,7 +15,7 @@ from trainer.config import ConfigError, TrainConfig
 
 # Settings of where and how this command runs, never taken from a checkpoint on --resume (the
 # run folder is the checkpoint's own unless --run-name branches off; see parse_config).
-NOT_RESUMED = ("resume", "cpu", "progress", "output_dir", "run_name", "mixed_precision")
+NOT_RESUMED = ("resume", "cpu", "progress", "output_dir", "run_name", "mixed_precision", "threads")
 GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "data": "data and evaluation", "infra": "infrastructure"}
 
 

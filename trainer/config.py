@@ -10,6 +10,7 @@ from typing import Any
 
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
 PRECISIONS = ("no", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_NAMES = ("blog_resnet",)  # trainer.model.MODELS, named here so the CLI needs no torch
 
 
@@ -56,6 +57,21 @@ class TrainConfig:
     )
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present (gloo for several processes)", "infra")
     channels_last: bool = _opt(True, "channels_last memory format for the convolutions", "infra")
+    compile: bool = _opt(
+        False, "compile the model (torch.compile through accelerate's dynamo plugin, inductor)", "infra"
+    )
+    compile_mode: str | None = _opt(
+        None,
+        "torch.compile mode (default: reduce-overhead, i.e. CUDA graphs, on a GPU; default elsewhere)",
+        "infra",
+        choices=COMPILE_MODES,
+    )
+    threads: int | None = _opt(
+        None,
+        "torch threads per process on the CPU (default: the cores this process may use / processes on this "
+        "machine, unless OMP_NUM_THREADS was set by you)",
+        "infra",
+    )
     resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from", "infra")
     save_every: int | None = _opt(None, "also save a checkpoint every N optimizer steps", "infra")
     keep_last: int = _opt(3, "checkpoints kept per run besides the best one (at least 1)", "infra")
@@ -74,7 +90,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("limit_train_batches", "limit_eval_batches", "save_every"):
+        for name in ("limit_train_batches", "limit_eval_batches", "save_every", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -88,6 +104,8 @@ class TrainConfig:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
         if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
             raise ConfigError(f"--run-name must be letters, digits, '.', '_' or '-', got {self.run_name!r}")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
 

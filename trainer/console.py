@@ -24,14 +24,18 @@ COLUMNS = (  # (header, key in the metrics record, format)
     ("correct/seen", None, None),
     ("lr", "lr", "{:.3g}"),
     ("time s", "epoch_time_s", "{:.1f}"),
+    ("warmup s", "warmup_s", "{:.1f}"),  # shown only when some epoch had a warm-up of a second or more
     ("samples/s", "train_samples_per_s", "{:,.0f}"),
 )
 
 
-def _cells(record: dict[str, Any]) -> list[str]:
+def _cells(record: dict[str, Any], columns: tuple[tuple[str, str | None, str | None], ...]) -> list[str]:
     cells = []
-    for _, key, fmt in COLUMNS:
-        cells.append(f"{record['valid_correct']}/{record['valid_seen']}" if key is None else fmt.format(record[key]))
+    for _, key, fmt in columns:
+        if key is None:
+            cells.append(f"{record['valid_correct']}/{record['valid_seen']}")
+        else:
+            cells.append(fmt.format(record.get(key, 0.0)))
     return cells
 
 
@@ -101,8 +105,10 @@ class Reporter:
         """One row of the epoch table (the header once, before the first row)."""
         if not self.enabled:
             return
-        cells = _cells(record)
-        if self._widths is None:  # sized by the first row, with room to grow
-            self._widths = [max(len(h), len(c) + 1) for (h, _, _), c in zip(COLUMNS, cells)]
-            self.line("  ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, self._widths)), style="bold")
+        if self._widths is None:  # the columns and their widths follow the first row, with room to grow
+            self._columns = tuple(c for c in COLUMNS if c[1] != "warmup_s" or record.get("warmup_s", 0.0) >= 1.0)
+            cells = _cells(record, self._columns)
+            self._widths = [max(len(h), len(c) + 1) for (h, _, _), c in zip(self._columns, cells)]
+            self.line("  ".join(h.rjust(w) for (h, _, _), w in zip(self._columns, self._widths)), style="bold")
+        cells = _cells(record, self._columns)
         self.line("  ".join(c.rjust(w) for c, w in zip(cells, self._widths)))

@@ -8,6 +8,7 @@ to the other processes (one gather), evaluate, log and save a checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -77,6 +78,12 @@ def make_accelerator(config: TrainConfig):
         precision = kwargs.get("mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         if precision == "fp16":
             raise ConfigError("fp16 mixed precision needs a GPU; on the CPU use --mixed-precision bf16 or no")
+    if config.compile:
+        from accelerate.utils import TorchDynamoPlugin
+
+        cuda = torch.cuda.is_available() and not device_is_cpu
+        mode = config.compile_mode or ("reduce-overhead" if cuda else "default")
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=mode)
     if config.trackers:
         from accelerate.utils import ProjectConfiguration
 
@@ -128,7 +135,13 @@ class Trainer:
         self.config = config = _placed(config)
         runtime.launcher_argv()  # noted now, while the launcher lives (for the printed resume command)
         self.accelerator = accelerator or make_accelerator(config)
+        self.threads: tuple[int, str] | None = None
+        if self.accelerator.device.type == "cpu" or config.threads is not None:
+            self.threads = runtime.cpu_threads(config.threads)
+            torch.set_num_threads(self.threads[0])
         self.report = Reporter(self.accelerator.is_main_process, config.progress)
+        if self._compile_text() != "no":  # inductor's note that a CUDA build of torch found no GPU is noise here
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.run_dir = Path(config.output_dir) / config.name
         self.num_processes = self.accelerator.num_processes
         self._check_processes()
@@ -159,6 +172,9 @@ class Trainer:
         self._epoch_lrs: list[float] = []
         self._epoch_time_before = 0.0
         self._stop_signal: int | None = None
+        # This process's first training step and first evaluation batch (compilation, lazy set-up).
+        self._warmup: dict[str, float | None] = {"train": None, "eval": None}
+        self._warmup_reported = 0.0
         self.command_args: list[str] | None = None  # the CLI's flags, for the printed resume command
         self._prepare_run_dir()
 
@@ -348,6 +364,9 @@ class Trainer:
             self._stats_filled = i + 1
             self.global_step += 1
             self.samples_in_epoch += per_step
+            if self._warmup["train"] is None:  # this process's first step: torch.compile compiles here
+                self._warmup["train"] = time.perf_counter() - t0
+                t0 = time.perf_counter()  # the epoch's time leaves it out: it is reported as warmup_s
             if self.report.bars and (i + 1 - first) % show_every == 0:
                 self.report.advance(i + 1, per_step, self._epoch_lrs[-1], probe.read_then_copy(loss))
             last = i + 1 == first + remaining
@@ -385,7 +404,12 @@ class Trainer:
         if cfg.limit_eval_batches is not None:
             stop = min(self.test_size, cfg.limit_eval_batches * self.num_processes * cfg.eval_batch_size)
         self.eval_sampler.set_position(0, 0, stop)
-        return evaluate_model(self.accelerator, self.model, self.eval_loader, len(self.class_names), cfg.channels_last)
+        result = evaluate_model(
+            self.accelerator, self.model, self.eval_loader, len(self.class_names), cfg.channels_last
+        )
+        if self._warmup["eval"] is None:
+            self._warmup["eval"] = result.first_batch_s
+        return result
 
     # ------------------------------------------------------------------ stopping
     def _stop_agreed(self, step: int = 0, force: bool = False) -> bool:
@@ -440,16 +464,30 @@ class Trainer:
             "device": str(acc.device),
             "processes": self.num_processes,
             "precision": acc.mixed_precision,
+            "compile": self._compile_text(),
             "global batch": cfg.batch_size * self.num_processes,
             "steps/epoch": self.steps_per_epoch,
             "epochs": cfg.epochs,
             "train/test images": f"{self.train_size}/{self.test_size}",
         }
+        if self.threads is not None:
+            items["threads"] = f"{self.threads[0]} ({self.threads[1]})"
         if self.global_step:
             items["resumed at"] = f"step {self.global_step} (epoch {self.epoch + 1}, sample {self.samples_in_epoch})"
         self.report.summary(items)
         for record in self.history:  # a resumed run's table continues where it was
             self.report.epoch_row(record)
+
+    def _take_warmup(self) -> float:
+        """The warm-up seconds not reported yet (all of them in this process's first epoch, then 0)."""
+        seconds = sum(v for v in self._warmup.values() if v is not None) - self._warmup_reported
+        self._warmup_reported += seconds
+        return seconds
+
+    def _compile_text(self) -> str:
+        plugin = self.accelerator.state.dynamo_plugin
+        backend = str(getattr(plugin.backend, "value", plugin.backend)).lower()
+        return "no" if backend == "no" else f"{backend} ({plugin.mode or 'default'})"
 
     def _epoch_record(self, train: dict[str, Any], valid: EvalResult) -> dict[str, Any]:
         return {
@@ -464,6 +502,8 @@ class Trainer:
             "valid_seen": valid.seen,
             "lr": train["curve"]["lr"][-1],  # the LR of the epoch's last step (the scheduler is one ahead)
             "epoch_time_s": train["time_s"],
+            # Only in the first epoch this process runs: its first step and first evaluation batch.
+            "warmup_s": self._take_warmup(),
             "train_samples_per_s": train["samples"] / train["time_s"] if train["time_s"] > 0 else 0.0,
             "num_processes": self.num_processes,
             "mixed_precision": self.accelerator.mixed_precision,
@@ -538,7 +578,7 @@ class Trainer:
 
         acc, cfg = self.accelerator, self.config
         raw_opt = self.optimizer.optimizer
-        model_state = acc.unwrap_model(self.model).state_dict()
+        model_state = self._plain_model().state_dict()
         opt_state = raw_opt.state_dict()
         optimizer_tensors = {
             f"state.{pid}.{name}": value
@@ -619,7 +659,7 @@ class Trainer:
             )
         self._check_precision(folder, state.get("mixed_precision", "no"))
         try:
-            acc.unwrap_model(self.model).load_state_dict(contents.model)
+            self._plain_model().load_state_dict(contents.model)
         except RuntimeError as exc:
             raise ckpt.CheckpointError(
                 f"{folder / ckpt.MODEL_NAME} does not fit the model: {str(exc).splitlines()[0]}"
@@ -665,6 +705,11 @@ class Trainer:
         self._write_logs()
         if self.epoch < cfg.epochs:
             self.report.line(f"resumed from {folder} (step {self.global_step})")
+
+    def _plain_model(self) -> torch.nn.Module:
+        """The user's module itself: no DDP wrapper, no torch.compile wrapper (whose state_dict keys
+        gain an `_orig_mod.` prefix), so checkpoints are the same with and without --compile."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _check_precision(self, folder: Path, saved: str) -> None:
         """A resumed run keeps its precision, unless --mixed-precision asks for another one (a warning)."""

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class EvalResult:
     seen: int
     loss: float  # mean cross-entropy per image
     confusion: Tensor  # [classes, classes] int64, rows = true class, columns = prediction
+    first_batch_s: float = 0.0  # host time of the first batch (where torch.compile compiles)
 
     @property
     def accuracy(self) -> float:
@@ -151,8 +153,11 @@ def evaluate_model(
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=acc.device)
     losses_seen = []  # per-image float32 losses stay on the device (no float64 there: MPS has none)
+    started, first_batch_s = time.perf_counter(), 0.0
     for images, labels in loader:
         logits = model(model_input(images, normalization, channels_last)).float()
+        if not losses_seen:
+            first_batch_s = time.perf_counter() - started
         losses = F.cross_entropy(logits, labels, reduction="none")
         predicted = logits.argmax(dim=1)
         losses, predicted, labels = acc.gather_for_metrics((losses, predicted, labels))
@@ -162,9 +167,8 @@ def evaluate_model(
     seen = int(confusion.sum())
     # One transfer at the end; the sum is exact in double precision on the host.
     loss_sum = math.fsum(torch.cat(losses_seen).tolist()) if losses_seen else 0.0
-    return EvalResult(
-        correct=int(confusion.diagonal().sum()), seen=seen, loss=loss_sum / max(seen, 1), confusion=confusion
-    )
+    correct = int(confusion.diagonal().sum())
+    return EvalResult(correct, seen, loss_sum / max(seen, 1), confusion, first_batch_s)
 
 
 def class_metrics(confusion: Tensor) -> dict[str, Any]:

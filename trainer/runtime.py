@@ -35,19 +35,58 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-_launcher: tuple[int, list[str] | None] | None = None  # (this process's pid, what launcher_argv found)
+# What this process's launcher is, read once per process: (pid, launcher argv, the launcher's
+# own OMP_NUM_THREADS or None).
+_launcher: tuple[int, list[str] | None, str | None] | None = None
+
+
+def _launcher_info() -> tuple[list[str] | None, str | None]:
+    """Read while the launcher is alive (a launcher that dies first leaves the trainer to another
+    parent); the CLI and the Trainer ask at their start."""
+    global _launcher
+    if _launcher is None or _launcher[0] != os.getpid():
+        argv = _read_launcher_argv()
+        omp = None
+        if argv is not None:
+            try:
+                environ = Path(f"/proc/{os.getppid()}/environ").read_bytes().decode(errors="replace").split("\0")
+                omp = next((e.split("=", 1)[1] for e in environ if e.startswith("OMP_NUM_THREADS=")), None)
+            except OSError:
+                omp = None
+        _launcher = (os.getpid(), argv, omp)
+    return _launcher[1], _launcher[2]
 
 
 def launcher_argv() -> list[str] | None:
     """How `accelerate launch` or torchrun started this process: the launcher's command and its own
-    options (a config file, process counts), from the parent's command line; None otherwise.
+    options (a config file, process counts), from the parent's command line; None otherwise."""
+    return _launcher_info()[0]
 
-    Read once per process, while the launcher is alive (a launcher that dies first leaves the
-    trainer to another parent); the CLI and the Trainer ask at their start."""
-    global _launcher
-    if _launcher is None or _launcher[0] != os.getpid():
-        _launcher = (os.getpid(), _read_launcher_argv())
-    return _launcher[1]
+
+def cpu_threads(requested: int | None) -> tuple[int, str]:
+    """The torch threads for one process on the CPU, and why.
+
+    `--threads` wins, then an OMP_NUM_THREADS that the user set. A launcher's silent default is
+    not a choice: `accelerate launch` gives its workers OMP_NUM_THREADS=1 unless its own
+    environment has OMP_NUM_THREADS or it was given --num_cpu_threads_per_process, and torchrun
+    does the same for several processes per machine. Then the trainer takes the cores it may run
+    on (its CPU affinity) divided by the processes on this machine.
+    """
+    if requested is not None:
+        return requested, "--threads"
+    omp = os.environ.get("OMP_NUM_THREADS")
+    argv, launcher_omp = _launcher_info()
+    chosen_in_launcher = argv is not None and (
+        launcher_omp is not None or any(a.startswith("--num_cpu_threads_per_process") for a in argv)
+    )
+    if omp and (argv is None or chosen_in_launcher):
+        try:
+            return max(1, int(omp)), "OMP_NUM_THREADS"
+        except ValueError:
+            pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // local), f"{cores} cores / {local} process{'es' if local > 1 else ''}"
 
 
 def _read_launcher_argv() -> list[str] | None:
