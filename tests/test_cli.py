@@ -56,7 +56,9 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
     SIGTERM reaches the launcher only; the trainer must notice, save, and leave no orphan."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs/cpu.yaml"),
            "-m", "trainer", *tiny_args(tiny_data, tmp_path, "--epochs", "1000")]  # fmt: skip
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # No OMP_NUM_THREADS: the launcher's silent default of 1 is not a choice, so the trainer takes its cores.
+    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "mnist"
     try:
         wait_for(lambda: len(read_lines(run / "metrics.jsonl")) >= 1 or launcher.poll() is not None, 900)
@@ -80,6 +82,8 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
     ckpt.verify(latest)
     # What it printed before the signal: the run summary and the epoch table.
     assert "processes: 1" in out and "precision: no" in out and "steps/epoch: 24" in out
+    cores = len(os.sched_getaffinity(0))
+    assert f"threads: {cores} ({cores} cores / 1 process)" in out
     header = next(line for line in out.splitlines() if "valid acc" in line)
     assert "epoch" in header and "train acc" in header and "correct/seen" in header
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] == "1"]
