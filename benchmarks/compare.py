@@ -23,11 +23,13 @@ import argparse
 import contextlib
 import ctypes
 import datetime as dt
+import functools
 import gc
 import json
 import os
 import platform
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -58,12 +60,19 @@ from trainer.model import build_model
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 SCHEMA_VERSION = 1
-CONTENDERS = ("baseline", "trainer", "bare")
+CONTENDERS = ("baseline", "trainer", "bare", "launched", "trainer_bf16", "trainer_compile", "trainer_compile_bf16")
 DESCRIPTIONS = {
     "baseline": "the blog's loop: torchvision MNIST + ToTensor/Normalize DataLoader, fp32, per-batch host syncs",
     "trainer": "trainer.Trainer (Accelerate): train_epoch() + evaluate(), no log/checkpoint writes",
     "bare": "plain PyTorch on the Trainer's data path, precision and memory format, no Accelerate",
+    "launched": "the README's command as a user runs it: `accelerate launch -m trainer` in a subprocess, "
+    "default flags, with its checkpoints and logs; times from its metrics.jsonl",
+    "trainer_bf16": "trainer with --mixed-precision bf16",
+    "trainer_compile": "trainer with --compile (torch.compile, inductor)",
+    "trainer_compile_bf16": "trainer with --compile --mixed-precision bf16",
 }
+# A compiled contender and its eager twin: the break-even is the compile warm-up over the epoch time saved.
+COMPILED_TWINS = {"trainer_compile": "trainer", "trainer_compile_bf16": "trainer_bf16"}
 EVAL_BATCH_SIZE = TrainConfig.eval_batch_size  # the Trainer's default, used by the bare loop too
 # Tensor methods that read a value back to the host: on a GPU, each one waits for the device.
 HOST_READS = frozenset({"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"})
@@ -107,7 +116,7 @@ class BaselineRun:
 
 
 class TrainerRun:
-    def __init__(self, s: Settings, out_dir: str) -> None:
+    def __init__(self, s: Settings, out_dir: str, precision: str | None = None, compile: bool = False) -> None:
         from accelerate.state import AcceleratorState, GradientState
 
         # Each contender gets a fresh Accelerator; accelerate keeps its state in class-level singletons.
@@ -121,19 +130,24 @@ class TrainerRun:
             seed=s.seed,
             limit_train_batches=s.limit_train_batches,
             cpu=s.device == "cpu",
-            mixed_precision=s.mixed_precision,
+            mixed_precision=precision or s.mixed_precision,
             channels_last=s.channels_last,
+            compile=compile,
+            threads=s.threads,
             progress="plain",
         )
         self.trainer = Trainer(config)
+        self.warm = {"train": True, "eval": True}
 
     def train_epoch(self, max_steps: int | None = None) -> dict[str, Any]:
         r = self.trainer.train_epoch()
-        return {"loss": r["loss"], "acc": r["acc"], "samples": r["samples"]}
+        warmup = self.trainer._warmup["train"] if self.warm.pop("train", False) else 0.0
+        return {"loss": r["loss"], "acc": r["acc"], "samples": r["samples"], "warmup_s": warmup}
 
     def evaluate(self) -> dict[str, Any]:
         v = self.trainer.evaluate()
-        return {"acc": v.accuracy, "correct": v.correct, "seen": v.seen, "loss": v.loss}
+        warmup = v.first_batch_s if self.warm.pop("eval", False) else 0.0
+        return {"acc": v.accuracy, "correct": v.correct, "seen": v.seen, "loss": v.loss, "warmup_s": warmup}
 
     def end_epoch(self) -> None:
         # What fit() does between epochs, the metrics and checkpoint writes aside.
@@ -228,7 +242,44 @@ FACTORIES: dict[str, Callable[[Settings, str], Any]] = {
     "baseline": BaselineRun,
     "trainer": TrainerRun,
     "bare": BareRun,
+    "trainer_bf16": functools.partial(TrainerRun, precision="bf16"),
+    "trainer_compile": functools.partial(TrainerRun, compile=True),
+    "trainer_compile_bf16": functools.partial(TrainerRun, precision="bf16", compile=True),
 }
+
+
+def run_launched(s: Settings, out_dir: str, result: dict[str, Any]) -> None:
+    """`accelerate launch -m trainer` with default flags, in a subprocess; epochs from its metrics.jsonl.
+    No OMP_NUM_THREADS: the trainer picks its threads as it does for a user."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "trainer", "--epochs", str(s.epochs),
+           "--data-dir", s.data_dir, "--output-dir", out_dir, "--progress", "plain"]  # fmt: skip
+    if s.limit_train_batches is not None:
+        cmd += ["--limit-train-batches", str(s.limit_train_batches)]
+    if s.device == "cpu" and torch.cuda.is_available():
+        cmd.append("--cpu")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS" and not k.startswith("ACCELERATE_")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), TRAINER_OFFLINE="1")
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    threads = re.search(r"threads: (\d+)", done.stdout)
+    result["threads"] = int(threads.group(1)) if threads else None
+    rows = [json.loads(line) for line in (Path(out_dir) / "mnist" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        eval_s = row["eval_time_s"]
+        result["epochs"].append({
+            "epoch": row["epoch"], "train_s": row["epoch_time_s"], "eval_s": eval_s,
+            "epoch_s": row["epoch_time_s"] + eval_s, "train_cpu_s": None, "eval_cpu_s": None,
+            "train_samples": row["train_samples"], "train_samples_per_s": row["train_samples_per_s"],
+            "step_ms": 1000 * row["epoch_time_s"] / (row["train_samples"] // s.batch_size),
+            "fastest_step_ms": None, "step_ms_p10": None, "warmup_s": row.get("warmup_s", 0.0),
+            "train_loss": row["train_loss"], "train_acc": row["train_acc"], "valid_acc": row["valid_acc"],
+            "valid_correct": row["valid_correct"], "valid_seen": row["valid_seen"],
+        })  # fmt: skip
+    # Process start, imports, data loading and set-up: everything that is not an epoch.
+    result["setup_s"] = wall - sum(e["epoch_s"] + e["warmup_s"] for e in result["epochs"])
 
 
 # ---------------------------------------------------------------------- measuring
@@ -346,6 +397,13 @@ def run_contender(name: str, s: Settings, log: Callable[[str], None], result: di
     memory = MemoryWatch(s.device)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as out_dir, memory:
+            if name == "launched":
+                run_launched(s, out_dir, result)
+                for record in result["epochs"]:
+                    log(f"  {name:8s} epoch {record['epoch']}: train {record['train_s']:.2f} s, eval "
+                        f"{record['eval_s']:.2f} s, warm-up {record['warmup_s']:.2f} s")  # fmt: skip
+                result["complete"] = True
+                return
             t0 = time.perf_counter()
             run = FACTORIES[name](s, out_dir)
             result["setup_s"] = time.perf_counter() - t0
@@ -362,16 +420,20 @@ def run_contender(name: str, s: Settings, log: Callable[[str], None], result: di
                     with eval_watch:
                         valid = run.evaluate()
                 run.end_epoch()
+                # The first step and evaluation batch (where torch.compile compiles) are reported apart.
+                train_warm, eval_warm = train.get("warmup_s", 0.0), valid.get("warmup_s", 0.0)
+                train_s, eval_s = train_watch.seconds - train_warm, eval_watch.seconds - eval_warm
                 record = {
                     "epoch": epoch,
-                    "train_s": train_watch.seconds,
-                    "eval_s": eval_watch.seconds,
-                    "epoch_s": train_watch.seconds + eval_watch.seconds,
+                    "train_s": train_s,
+                    "eval_s": eval_s,
+                    "epoch_s": train_s + eval_s,
+                    "warmup_s": train_warm + eval_warm,
                     "train_cpu_s": train_watch.cpu_seconds,
                     "eval_cpu_s": eval_watch.cpu_seconds,
                     "train_samples": train["samples"],
-                    "train_samples_per_s": train["samples"] / train_watch.seconds,
-                    "step_ms": 1000 * train_watch.seconds / (train["samples"] // s.batch_size),
+                    "train_samples_per_s": train["samples"] / train_s,
+                    "step_ms": 1000 * train_s / (train["samples"] // s.batch_size),
                     "fastest_step_ms": steps_ms[0] if steps_ms else None,
                     "step_ms_p10": steps_ms[len(steps_ms) // 10] if steps_ms else None,
                     "train_loss": train["loss"],
@@ -480,7 +542,7 @@ def sync_census(s: Settings, steps: int, contenders: list[str]) -> dict[str, Any
     `torch.cuda.set_sync_debug_mode("warn")`, which names every synchronising operation.
     """
     result: dict[str, Any] = {"steps": steps}
-    for name in contenders:
+    for name in [c for c in contenders if c in ("baseline", "trainer", "bare")]:
         # Three epochs' worth of schedule: a warm epoch, the counted one, and the CUDA sync-debug one.
         cs = replace(s, epochs=3, limit_train_batches=steps, evaluate=False)
         torch.set_num_threads(s.threads)
@@ -540,6 +602,8 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "train_s": _median([e["train_s"] for e in epochs]),
             "eval_s": _median([e["eval_s"] for e in epochs]),
             "epoch_s": _median([e["epoch_s"] for e in epochs]),
+            "warmup_s": _median([sum(e.get("warmup_s") or 0.0 for e in r["epochs"]) for r in rounds]),
+            "warmup_s_per_round": [sum(e.get("warmup_s") or 0.0 for e in r["epochs"]) for r in rounds],
             "train_cpu_s": _median([e.get("train_cpu_s") for e in epochs]),
             "step_ms": _median([e["step_ms"] for e in epochs]),
             "fastest_step_ms": min((e["fastest_step_ms"] for e in epochs if e.get("fastest_step_ms")), default=None),
@@ -554,9 +618,9 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "final_valid_acc_range": [finals[0], finals[-1]] if finals else None,
         }
     ratios: dict[str, Any] = {}
+    others = [(name, "baseline", "epoch_s", f"{name}_over_baseline_epoch_s") for name in CONTENDERS[1:]]
     for a, b, key, label in (
-        ("trainer", "baseline", "epoch_s", "trainer_over_baseline_epoch_s"),
-        ("bare", "baseline", "epoch_s", "bare_over_baseline_epoch_s"),
+        *others,
         ("trainer", "baseline", "train_s", "trainer_over_baseline_train_s"),
         ("trainer", "bare", "train_s", "trainer_over_bare_step_loop"),
         ("trainer", "bare", "train_cpu_s", "trainer_over_bare_step_loop_cpu"),
@@ -576,6 +640,19 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         if pairs:
             ratios[label] = {"median": statistics.median(pairs), "per_round": pairs}
     summary["ratios"] = ratios
+    # Epochs before a compiled contender's warm-up pays for itself against its eager twin.
+    break_even: dict[str, Any] = {}
+    for compiled, eager in COMPILED_TWINS.items():
+        if compiled in summary and eager in summary:
+            saved = summary[eager]["epoch_s"] - summary[compiled]["epoch_s"]
+            per_round = summary[compiled]["warmup_s_per_round"]
+            break_even[compiled] = {
+                "eager": eager,
+                "saved_s_per_epoch": saved,
+                "warmup_s_per_round": per_round,
+                "epochs_per_round": [w / saved if saved > 0 else None for w in per_round],
+            }
+    summary["break_even"] = break_even
     return summary
 
 
@@ -586,7 +663,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_report(console: Console, report: dict[str, Any]) -> None:
     """The table, the ratios and the optional checks' results of a report (fresh, or read back from its JSON)."""
     settings, summary = report["settings"], summarise(report["runs"])
-    done = max((row["rounds"] for name, row in summary.items() if name != "ratios"), default=0)
+    done = max((row["rounds"] for name, row in summary.items() if name in CONTENDERS), default=0)
     title = f"MNIST, {settings['epochs']} epoch(s) per round, medians of {done} round(s)"
     if not report.get("complete", True):
         title += " (interrupted: partial)"
@@ -608,7 +685,7 @@ def print_table(console: Console, summary: dict[str, Any], device: str, title: s
     cuda = device == "cuda"
     table = Table(title=title, title_justify="left")
     headers = ["contender", "setup s", "train s/epoch", "train CPU s", "eval s/epoch", "epoch s", "train samples/s"]
-    headers += ["ms/step"] + ([] if cuda else ["fastest step ms", "p10 step ms"])
+    headers += ["ms/step", "warm-up s"] + ([] if cuda else ["fastest step ms", "p10 step ms"])
     headers += ["x baseline (epoch s)", "peak RSS +MiB"] + (["peak CUDA MiB"] if cuda else [])
     headers += ["final train acc", "final valid acc", "valid correct/seen"]
     for h in headers:
@@ -629,6 +706,7 @@ def print_table(console: Console, summary: dict[str, Any], device: str, title: s
             _fmt(row["epoch_s"], ".2f"),
             _fmt(row["train_samples_per_s"], ",.0f"),
             _fmt(row["step_ms"], ".2f"),
+            _fmt(row.get("warmup_s"), ".1f"),
             *([] if cuda else [_fmt(row.get("fastest_step_ms"), ".1f"), _fmt(row.get("step_ms_p10"), ".1f")]),
             _fmt(vs, ".3f"),
             _fmt(row["peak_rss_mib"], ".0f"),
@@ -651,6 +729,16 @@ def print_table(console: Console, summary: dict[str, Any], device: str, title: s
             r = ratios[label]
             rounds = ", ".join(f"{v:.3f}" for v in r["per_round"])
             console.print(f"{text}: [bold]{r['median']:.3f}[/] (per round: {rounds})")
+    for name in CONTENDERS[3:]:
+        if (r := ratios.get(f"{name}_over_baseline_epoch_s")) is not None:
+            console.print(f"{name} / baseline, seconds per epoch: [bold]{r['median']:.3f}[/] (x{1 / r['median']:.2f})")
+    for compiled, b in summary.get("break_even", {}).items():
+        rounds = ", ".join(f"{w:.1f} s -> {_fmt(e, '.1f')} epochs" for w, e in zip(b["warmup_s_per_round"],
+                                                                                  b["epochs_per_round"]))  # fmt: skip
+        console.print(
+            f"{compiled}: saves {b['saved_s_per_epoch']:.2f} s per epoch against {b['eager']}; its warm-up pays "
+            f"for itself after (per round, round 1 with inductor's cache cold): {rounds}"
+        )
 
 
 def print_census(console: Console, census: dict[str, Any]) -> None:
@@ -798,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     os.environ.setdefault("TRAINER_OFFLINE", "1")  # never try a download in the middle of a timing
+    # A fresh inductor cache: the first compiled round pays what a user's first run pays.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cache-"))
     torch.set_num_threads(args.threads)
     s = Settings(
         data_dir=args.data_dir,

@@ -311,7 +311,9 @@ class Trainer:
                 train = self.train_epoch()
                 if train is None:  # stopped mid-epoch; a checkpoint was written
                     raise Stopped(self._stop_signal, self._last_saved)
+                eval_started = time.perf_counter()
                 valid = self.evaluate()
+                train["eval_time_s"] = time.perf_counter() - eval_started
                 self._check_finite(train["curve"]["loss"], valid.loss)
                 record = self._epoch_record(train, valid)
                 self.history.append(record)
@@ -502,7 +504,9 @@ class Trainer:
             "valid_seen": valid.seen,
             "lr": train["curve"]["lr"][-1],  # the LR of the epoch's last step (the scheduler is one ahead)
             "epoch_time_s": train["time_s"],
-            # Only in the first epoch this process runs: its first step and first evaluation batch.
+            "eval_time_s": train["eval_time_s"],
+            # Only in the first epoch this process runs: its first step and first evaluation batch
+            # (left out of epoch_time_s; eval_time_s includes the latter).
             "warmup_s": self._take_warmup(),
             "train_samples_per_s": train["samples"] / train["time_s"] if train["time_s"] > 0 else 0.0,
             "num_processes": self.num_processes,
