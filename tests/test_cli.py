@@ -252,3 +252,60 @@ def test_launch_configs_load_with_accelerates_loader():
         assert raw["mixed_precision"] == {"fp16": "fp16", "bf16": "bf16"}.get(name, "no")
     assert load_config_from_file(str(REPO / "launch_configs/multi_node.yaml")).num_machines == 2
     assert load_config_from_file(str(REPO / "launch_configs/cpu.yaml")).use_cpu is True
+
+
+def test_help_shows_each_default_once_and_names_arguments(run_main):
+    out = subprocess.run([sys.executable, "-m", "trainer", "--help"], capture_output=True, text=True, cwd=REPO,
+                         env=cli_env()).stdout  # fmt: skip
+    assert "(default: None)" not in out
+    assert "the dataset name) (default" not in out  # a help text that names its default keeps it alone
+    for generated in ("RESUME", "EVERY", "LAST", "WITH", "BATCHES"):
+        assert generated not in out, generated
+    assert "--resume latest|PATH" in out and "--save-every N" in out and "--log-with NAMES" in out
+    version = subprocess.run([sys.executable, "-m", "trainer", "--version"], capture_output=True, text=True,
+                             cwd=REPO, env=cli_env())  # fmt: skip
+    assert version.returncode == 0 and version.stdout.startswith("trainer 0.")
+
+
+def test_a_malformed_value_is_one_line_not_the_usage(tiny_data, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trainer", "--epochs", "3x"], capture_output=True, text=True,
+                            cwd=REPO, env=cli_env())  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "trainer: error: argument --epochs: invalid int value: '3x' (see --help)"
+    ]
+
+
+def test_run_name_refusal_says_what_is_allowed(run_main, tiny_data, tmp_path):
+    result = run_main(tiny_args(tiny_data, tmp_path, "--run-name", ".."))
+    assert_one_line_error(result, "must start with a letter or digit", "'..'")
+
+
+def test_plain_output_shows_progress_within_an_epoch_and_the_evaluation(run_main, tiny_data, tmp_path):
+    result = run_main(tiny_args(tiny_data, tmp_path, "--epochs", "1"))  # 24 steps, --progress plain
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/1:")]
+    assert any("10/24 steps" in line or "11/24 steps" in line for line in progress)  # about every 10%
+    assert 8 <= len(progress) <= 11 and all("samples/s" in line for line in progress[:-1])
+    assert progress[-1] == "epoch 1/1: evaluating 1,001 images"
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_costs_neither_the_save_nor_a_traceback(tiny_data, tmp_path):
+    """`python -m trainer ... | head -1`, then SIGTERM: the save, the stop lines (on stderr), exit 143."""
+    cmd = [sys.executable, "-m", "trainer", *tiny_args(tiny_data, tmp_path, "--epochs", "1000")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "mnist"
+    try:
+        assert proc.stdout.readline().startswith("run: ")  # the summary line: the reader then goes away
+        proc.stdout.close()
+        wait_for(lambda: ckpt.find_latest(run) is not None or proc.poll() is not None)  # writes after the close
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=600) == 143, err
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+    assert "stopped by SIGTERM; checkpoint saved" in err and "resume with: python -m trainer" in err
+    ckpt.verify(ckpt.find_latest(run))

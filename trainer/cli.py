@@ -26,14 +26,42 @@ def _flag_type(annotation: str) -> type:
     raise TypeError(annotation)
 
 
+# What each value flag's argument is called in --help.
+METAVARS = {
+    "epochs": "N", "batch_size": "N", "lr": "LR", "momentum": "M", "seed": "N", "limit_train_batches": "N",
+    "data_dir": "DIR", "eval_batch_size": "N", "limit_eval_batches": "N", "output_dir": "DIR", "run_name": "NAME",
+    "resume": "latest|PATH", "save_every": "N", "keep_last": "K", "log_with": "NAMES", "threads": "N",
+}  # fmt: skip
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a default once, and only where there is one (a help text that names it is left alone)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag or value is one line and exit code 2, like every other user error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from trainer import __version__
+
+    parser = _Parser(
         prog="trainer",
         description="Train the blog's ResNet-style CNN on MNIST with SGD + OneCycleLR, on 1 to N processes.",
         epilog="Several processes: accelerate launch [--config_file launch_configs/NAME.yaml] -m trainer ...; "
         "on a CPU-only machine: torchrun --nproc_per_node N -m trainer --cpu ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"trainer {__version__}")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -49,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_flag_type(str(f.type)),
                 default=f.default,
                 choices=f.metadata.get("choices"),
-                metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper(),
+                metavar=None if f.metadata.get("choices") else METAVARS.get(f.name, "VALUE"),
                 help=f.metadata["help"],
             )
     return parser

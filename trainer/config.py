@@ -103,7 +103,10 @@ class TrainConfig:
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
         if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
-            raise ConfigError(f"--run-name must be letters, digits, '.', '_' or '-', got {self.run_name!r}")
+            raise ConfigError(
+                f"--run-name must start with a letter or digit and hold only letters, digits, '.', '_' and '-', "
+                f"got {self.run_name!r}"
+            )
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.model not in MODEL_NAMES:

@@ -1,11 +1,14 @@
 """What a person sees: a start summary, a progress bar per epoch, a table row per epoch.
 
 Only the main process reports. On a terminal the bars are rich progress bars; otherwise (a
-log file, CI, a pipe) each epoch prints one plain line and nothing redraws.
+log file, CI, a pipe) plain lines: the epoch's progress every 10% of its steps (or 30 s), then
+its row; nothing redraws. A closed stdout (`trainer ... | head`, a `tee` killed by the same
+Ctrl-C) never stops the run: the lines that matter go to stderr instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -13,6 +16,23 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+PLAIN_EVERY_S = 30.0  # without a terminal, a progress line at least this often (and every 10% of an epoch)
+
+
+def _next_tenth(fraction: float) -> float:
+    return (int(fraction * 10 + 1e-9) + 1) / 10
+
+
+def _write(stream: Any, text: str) -> bool:
+    """Writes a line; False when the reader of the pipe has gone."""
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+        return True
+    except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+        return False
+
 
 COLUMNS = (  # (header, key in the metrics record, format)
     ("epoch", "epoch", "{:d}"),
@@ -49,14 +69,36 @@ class Reporter:
         self._widths: list[int] | None = None
         self._progress: Progress | None = None
         self._task = None
+        self._stdout_closed = False
+        self._plain_next = (0.0, 0.0)  # the next plain progress line: at this fraction, or at this time
 
     def line(self, text: str, style: str | None = None) -> None:
-        if self.enabled:
-            self.console.print(text, style=style, soft_wrap=True) if self.bars else print(text, flush=True)
+        if not self.enabled:
+            return
+        if self._stdout_closed:
+            _write(sys.stderr, text)
+        elif self.bars:
+            try:
+                self.console.print(text, style=style, soft_wrap=True)
+            except BrokenPipeError:
+                self._close_stdout(text)
+        elif not _write(sys.stdout, text):
+            self._close_stdout(text)
+
+    def _close_stdout(self, text: str) -> None:
+        """stdout's reader is gone: later writes (and Python's flush at exit) go nowhere, quietly."""
+        self._stdout_closed = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        _write(sys.stderr, text)
 
     def warn(self, text: str) -> None:
         if self.enabled:
-            print(f"warning: {text}", file=sys.stderr, flush=True)
+            _write(sys.stderr, f"warning: {text}")
 
     def summary(self, items: dict[str, Any]) -> None:
         if not self.enabled:
@@ -65,13 +107,18 @@ class Reporter:
             table = Table(show_header=False, box=None, pad_edge=False)
             for key, value in items.items():
                 table.add_row(f"[bold]{key}[/]", str(value))
-            self.console.print(table)
+            try:
+                self.console.print(table)
+            except BrokenPipeError:
+                self._close_stdout(" | ".join(f"{k}: {v}" for k, v in items.items()))
         else:
-            print(" | ".join(f"{k}: {v}" for k, v in items.items()), flush=True)
+            self.line(" | ".join(f"{k}: {v}" for k, v in items.items()))
 
     # -- per-epoch progress -------------------------------------------------------------
     def start_epoch(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
         self._t0, self._done0 = time.perf_counter(), done_steps
+        self._epoch_text, self._total = f"epoch {epoch}/{epochs}", total_steps
+        self._plain_next = (_next_tenth(done_steps / max(total_steps, 1)), self._t0 + PLAIN_EVERY_S)
         if not self.bars:
             return
         self._progress = Progress(
@@ -87,14 +134,36 @@ class Reporter:
         self._progress.start()
 
     def advance(self, done_steps: int, samples_per_step: int, lr: float, loss: float | None) -> None:
-        if self._progress is None:
+        if not self.enabled:
             return
-        elapsed = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        elapsed = now - self._t0
         rate = (done_steps - self._done0) * samples_per_step / elapsed if elapsed > 0 else 0.0
         loss_text = "loss   -   " if loss is None else f"loss {loss:.4f}"
-        self._progress.update(
-            self._task, completed=done_steps, stats=f"{loss_text}  lr {lr:.3g}  {rate:,.0f} samples/s"
-        )
+        stats = f"{loss_text}  lr {lr:.3g}  {rate:,.0f} samples/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done_steps, stats=stats)
+            return
+        fraction = done_steps / max(self._total, 1)
+        if done_steps < self._total and (fraction >= self._plain_next[0] or now >= self._plain_next[1]):
+            self.line(f"{self._epoch_text}: {fraction:4.0%} ({done_steps}/{self._total} steps)  {stats}")
+            self._plain_next = (_next_tenth(fraction), now + PLAIN_EVERY_S)
+
+    def evaluating(self, images: int) -> None:
+        """Said once before an evaluation; on a terminal a transient spinner stands for it."""
+        if not self.enabled:
+            return
+        if self.bars:
+            self._status = self.console.status(f"{self._epoch_text}: evaluating {images:,} images", spinner="dots")
+            self._status.start()
+        else:
+            self.line(f"{self._epoch_text}: evaluating {images:,} images")
+
+    def evaluated(self) -> None:
+        status = getattr(self, "_status", None)
+        if status is not None:
+            status.stop()
+            self._status = None
 
     def end_epoch(self) -> None:
         if self._progress is not None:

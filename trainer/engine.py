@@ -312,7 +312,9 @@ class Trainer:
                 if train is None:  # stopped mid-epoch; a checkpoint was written
                     raise Stopped(self._stop_signal, self._last_saved)
                 eval_started = time.perf_counter()
+                self.report.evaluating(self._eval_images())
                 valid = self.evaluate()
+                self.report.evaluated()
                 train["eval_time_s"] = time.perf_counter() - eval_started
                 self._check_finite(train["curve"]["loss"], valid.loss)
                 record = self._epoch_record(train, valid)
@@ -369,7 +371,7 @@ class Trainer:
             if self._warmup["train"] is None:  # this process's first step: torch.compile compiles here
                 self._warmup["train"] = time.perf_counter() - t0
                 t0 = time.perf_counter()  # the epoch's time leaves it out: it is reported as warmup_s
-            if self.report.bars and (i + 1 - first) % show_every == 0:
+            if (i + 1 - first) % show_every == 0:
                 self.report.advance(i + 1, per_step, self._epoch_lrs[-1], probe.read_then_copy(loss))
             last = i + 1 == first + remaining
             if not last and self._stop_agreed(step=i + 1):
@@ -399,13 +401,16 @@ class Trainer:
             "curve": {"loss": curve, "lr": list(self._epoch_lrs)},
         }
 
+    def _eval_images(self) -> int:
+        cfg = self.config
+        if cfg.limit_eval_batches is None:
+            return self.test_size
+        return min(self.test_size, cfg.limit_eval_batches * self.num_processes * cfg.eval_batch_size)
+
     def evaluate(self) -> EvalResult:
         """Exact counts over the test split (or its first --limit-eval-batches batches per process)."""
         cfg = self.config
-        stop = None
-        if cfg.limit_eval_batches is not None:
-            stop = min(self.test_size, cfg.limit_eval_batches * self.num_processes * cfg.eval_batch_size)
-        self.eval_sampler.set_position(0, 0, stop)
+        self.eval_sampler.set_position(0, 0, self._eval_images())
         result = evaluate_model(
             self.accelerator, self.model, self.eval_loader, len(self.class_names), cfg.channels_last
         )
