@@ -254,10 +254,10 @@ def test_signal_saves_prints_resume_command_and_exits_128_plus_signum(run_main, 
             os.kill(os.getpid(), sig)
         return real_input(*a, **kw)
 
-    monkeypatch.setattr(engine, "to_model_input", signal_on_the_ninth_step)
     previous = signal.getsignal(sig)
-    result = run_main(args)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "to_model_input", signal_on_the_ninth_step)
+        result = run_main(args)
     assert result.returncode == 128 + sig, result.stderr
     assert signal.getsignal(sig) is previous  # handlers restored
     assert f"{signal.Signals(sig).name} received" in result.stderr

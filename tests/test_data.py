@@ -95,7 +95,8 @@ def test_interrupted_epoch_sees_each_sample_at_most_once_across_world_sizes(befo
 def sampler_order(n: int, epoch: int) -> list[int]:
     s = EpochSampler(n, seed=12)
     s.set_position(epoch)
-    return [s.order().tolist()[position] for position in s]
+    order = s.order().tolist()
+    return [order[position] for position in s]
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():

@@ -31,7 +31,7 @@ def one_line_error(result, code: int = 2) -> str:
     return lines[0]
 
 
-def hold_in_epoch_two(monkeypatch, release: Path) -> None:
+def hold_in_epoch_two(patch, release: Path) -> None:
     """Forked trainers (which inherit this patch) wait at the start of epoch 2 until `release` exists:
     the first checkpoint is written and the run folder is held, for as long as a test needs."""
     original = engine.Trainer.train_epoch
@@ -42,18 +42,18 @@ def hold_in_epoch_two(monkeypatch, release: Path) -> None:
                 time.sleep(0.01)
         return original(self)
 
-    monkeypatch.setattr(engine.Trainer, "train_epoch", held)
+    patch.setattr(engine.Trainer, "train_epoch", held)
 
 
 def test_a_second_run_on_a_held_folder_is_refused_and_kill_9_frees_it(run_main, tiny_data, tmp_path, monkeypatch):
     release = tmp_path / "release"
-    hold_in_epoch_two(monkeypatch, release)
     args = tiny_args(tiny_data, tmp_path, "--epochs", "3", "--limit-train-batches", "3")
     run = tmp_path / "mnist"
-    first = fork_processes(args, logs=tmp_path / "first")
+    with monkeypatch.context() as patch:
+        hold_in_epoch_two(patch, release)
+        first = fork_processes(args, logs=tmp_path / "first")
     wait_for(lambda: first.poll() or ckpt.find_latest(run) is not None)
     assert not first.poll(), first.read(0)
-    monkeypatch.undo()
     metrics_before = (run / "metrics.jsonl").read_bytes()
 
     for second in (args, [*args, "--resume", "latest"]):  # a fresh start and a resume alike
@@ -192,9 +192,9 @@ def test_a_complete_run_stays_complete(run_main, tiny_data, tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGINT)
         return real_input(*a, **kw)
 
-    monkeypatch.setattr(engine, "to_model_input", interrupt_the_last_step)
-    done = run_main(args)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "to_model_input", interrupt_the_last_step)
+        done = run_main(args)
     assert done.returncode == 0, done.stderr
     assert "SIGINT came after the last step: the run is complete" in done.stdout
     assert "resume with" not in done.stdout

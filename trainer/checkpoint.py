@@ -46,6 +46,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder is named for (-1 when it is not named like one)."""
+    match = STEP_DIR.match(folder.name)
+    return int(match.group(1)) if match else -1
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -124,6 +130,10 @@ class RunLock:
         file = open(self.path, "a+")  # noqa: SIM115 (held open as long as the lock)
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            file.seek(0)
+            file.truncate()
+            file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            file.flush()
         except BlockingIOError:
             file.seek(0)
             holder = file.read(200).strip() or "another process"
@@ -132,10 +142,9 @@ class RunLock:
                 f"run folder {self.path.parent} is in use by another run ({holder}); wait for it to end, "
                 "or choose another --run-name"
             ) from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        file.flush()
+        except BaseException:
+            file.close()
+            raise
         self._file = file
 
     def release(self) -> None:
@@ -168,8 +177,6 @@ class CheckpointContents:
 
 def describe_write_error(exc: BaseException, what: str, folder: Path, needed: int | None = None) -> str:
     """One line for a failed write: what, where, why, and the space free there (and needed)."""
-    import shutil
-
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     try:
         free = f"{_mib(shutil.disk_usage(folder if folder.exists() else folder.parent).free)} free there"
@@ -243,9 +250,7 @@ def save(
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Host copies where needed (a tensor already on the host as it must be is written as it is)."""
-    ready = lambda v: v.device.type == "cpu" and v.is_contiguous() and not v.requires_grad  # noqa: E731
-    return {k: v if ready(v) else v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def verify(folder: Path) -> dict[str, Any]:

@@ -77,7 +77,10 @@ def load_split(dataset: str, data_dir: str | os.PathLike, train: bool, download:
 
 def read_idx(path: Path, ndim: int) -> Tensor:
     """Reads an uncompressed uint8 IDX file (magic 0x0000080N, N big-endian uint32 sizes, then bytes)."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
     header = 4 + 4 * ndim
     if len(data) < header or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
         raise DataError(f"{path} is not a uint8 IDX file with {ndim} dimension(s)")
@@ -145,10 +148,11 @@ class TensorImages(Dataset):
     def _device_order(self) -> Tensor:
         key = (self.sampler.epoch, self.sampler.shuffle)
         if self._order is None or self._order[0] != key:
-            order = self.sampler.order()
-            if self.images.device.type == "cuda":
-                order = order.pin_memory()
-            self._order = (key, order.to(self.images.device, non_blocking=True))
+            order, cuda = self.sampler.order(), self.images.device.type == "cuda"
+            # Without blocking only from pinned memory (CUDA): a non-blocking copy of pageable memory
+            # to MPS can read it after it was freed.
+            order = order.pin_memory() if cuda else order
+            self._order = (key, order.to(self.images.device, non_blocking=cuda))
         return self._order[1]
 
 

@@ -180,7 +180,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _check_processes(self) -> None:
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        launched = runtime.world_size()
         if launched > 1 and self.num_processes == 1:
             raise ConfigError(
                 f"{launched} processes were launched but accelerate sees no distributed setup, so each would "
@@ -291,12 +291,12 @@ class Trainer:
             self.report.line(f"run already complete ({self.config.epochs} epochs): {self.run_dir}")
             self.close()
             return self.history
-        self._announce()
-        if self.accelerator.log_with:
-            settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                        for k, v in self.config.to_dict().items() if v is not None}  # fmt: skip
-            self.accelerator.init_trackers(self.config.name, config=settings)
         try:
+            self._announce()
+            if self.accelerator.log_with:
+                settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                            for k, v in self.config.to_dict().items() if v is not None}  # fmt: skip
+                self.accelerator.init_trackers(self.config.name, config=settings)
             return self._fit()
         finally:
             # Not accelerator.end_training(): it also destroys the process group, which the caller may still use.
@@ -311,11 +311,12 @@ class Trainer:
                 train = self.train_epoch()
                 if train is None:  # stopped mid-epoch; a checkpoint was written
                     raise Stopped(self._stop_signal, self._last_saved)
-                eval_started = time.perf_counter()
+                first_evaluation, eval_started = self._warmup["eval"] is None, time.perf_counter()
                 self.report.evaluating(self._eval_images())
                 valid = self.evaluate()
                 self.report.evaluated()
-                train["eval_time_s"] = time.perf_counter() - eval_started
+                # The first evaluation batch of this process is warm-up (warmup_s), not evaluation.
+                train["eval_time_s"] = time.perf_counter() - eval_started - (valid.first_batch_s * first_evaluation)
                 self._check_finite(train["curve"]["loss"], valid.loss)
                 record = self._epoch_record(train, valid)
                 self.history.append(record)
@@ -511,7 +512,7 @@ class Trainer:
             "epoch_time_s": train["time_s"],
             "eval_time_s": train["eval_time_s"],
             # Only in the first epoch this process runs: its first step and first evaluation batch
-            # (left out of epoch_time_s; eval_time_s includes the latter).
+            # (left out of epoch_time_s and eval_time_s).
             "warmup_s": self._take_warmup(),
             "train_samples_per_s": train["samples"] / train["time_s"] if train["time_s"] > 0 else 0.0,
             "num_processes": self.num_processes,
@@ -544,6 +545,8 @@ class Trainer:
                     ckpt.write_lines_atomic(self.run_dir / name, rows)
             except OSError as exc:
                 error = ckpt.SaveError(ckpt.describe_write_error(exc, "the run's logs", self.run_dir))
+            except Exception as exc:  # a bug: its traceback, after the other processes were told
+                error = exc
         runtime.agree(error, "write the run's logs")
 
     # ------------------------------------------------------------------ checkpoints
@@ -561,18 +564,20 @@ class Trainer:
         if self.samples_in_epoch:  # mid-epoch: the interrupted epoch's per-step stats of every process
             progress["epoch_stats"] = acc.gather(self._stats[: self._stats_filled].unsqueeze(0)).cpu()
             progress["epoch_carry"] = self._carry
-        error = ""
+        failure: BaseException | None = None
         if acc.is_main_process:
             try:
                 folder = ckpt.save(self.run_dir, self.global_step, self._checkpoint_contents(rng, progress))
                 self._after_save(folder, best_candidate)
             except ckpt.SaveError as exc:
-                error = str(exc)
+                failure = exc
             except OSError as exc:  # updating `best` or pruning, after the new checkpoint is complete
-                error = ckpt.describe_write_error(exc, "the run folder's links", self.run_dir)
-        status = torch.tensor([1 if error else 0], device=acc.device)
+                failure = ckpt.SaveError(ckpt.describe_write_error(exc, "the run folder's links", self.run_dir))
+            except Exception as exc:  # a bug: its traceback, after the other processes were told
+                failure = exc
+        status = torch.tensor([0 if failure is None else 1], device=acc.device)
         if int(acc.reduce(status, reduction="sum").item()):
-            raise ckpt.SaveError(error) if error else runtime.PeerError("process 0 could not save a checkpoint")
+            raise failure if failure is not None else runtime.PeerError("process 0 could not save a checkpoint")
         self._last_saved = self.run_dir / ckpt.step_dir_name(self.global_step)
 
     def _after_save(self, folder: Path, best_candidate: bool) -> None:
@@ -643,7 +648,7 @@ class Trainer:
         folder = runtime.agree_on_checkpoint(resume, self.run_dir, warn=self.report.warn)
         if resume == "latest":
             return folder
-        newer = [p.name for p in ckpt.list_checkpoints(self.run_dir) if _step_of(p) > _step_of(folder)]
+        newer = [p.name for p in ckpt.list_checkpoints(self.run_dir) if ckpt.step_of(p) > ckpt.step_of(folder)]
         if newer and folder.parent.resolve() == self.run_dir.resolve():
             raise ConfigError(
                 f"{self.run_dir} has checkpoints newer than {folder.name} ({', '.join(newer[:3])}); resuming "
@@ -845,11 +850,6 @@ def _placed(config: TrainConfig) -> TrainConfig:
         run = folder.absolute().parent
         changes.update(output_dir=str(run.parent), run_name=run.name)
     return dataclasses.replace(config, **changes)
-
-
-def _step_of(folder: Path) -> int:
-    match = ckpt.STEP_DIR.match(folder.name)
-    return int(match.group(1)) if match else -1
 
 
 def _jsonable(obj: Any) -> Any:

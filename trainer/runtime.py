@@ -31,10 +31,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 # What this process's launcher is, read once per process: (pid, launcher argv, the launcher's
 # own OMP_NUM_THREADS or None).
 _launcher: tuple[int, list[str] | None, str | None] | None = None
@@ -104,7 +100,7 @@ def _read_launcher_argv() -> list[str] | None:
         else:
             continue
         end = next((j for j in range(start, len(tokens) - 1) if tokens[j] == "-m" and tokens[j + 1] == "trainer"), None)
-        return name + tokens[start:end] if end is not None else name
+        return name + tokens[start:end] if end is not None else None  # a script, not `-m trainer`
     return None
 
 
@@ -174,6 +170,7 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
     import torch
 
     from trainer import checkpoint as ckpt
+    from trainer.data import first_line
 
     if world_size() == 1 or _state().num_processes == 1:
         return resolve_checkpoint(resume, run_dir, warn)
@@ -184,7 +181,9 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
     if state.is_main_process:
         try:
             chosen = resolve_checkpoint(resume, run_dir, warn)
-            choice = [_step(chosen), *_manifest_digest(chosen)]
+            if ckpt.step_of(chosen) < 0:
+                raise ckpt.CheckpointError(f"{chosen} is not named like a checkpoint (step_NNNNNNN)")
+            choice = [ckpt.step_of(chosen), *_manifest_digest(chosen)]
         except (ckpt.CheckpointError, OSError) as exc:
             error = exc if isinstance(exc, ckpt.CheckpointError) else ckpt.CheckpointError(f"{chosen}: {exc}")
     choice = broadcast(torch.tensor(choice, dtype=torch.int64, device=state.device)).cpu().tolist()
@@ -202,21 +201,7 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
         except (ckpt.CheckpointError, OSError) as exc:
             error = ckpt.CheckpointError(
                 f"cannot read checkpoint {ckpt.step_dir_name(choice[0])} that process 0 resumes from "
-                f"({_first_line(exc)}); {SHARED_STORAGE}"
+                f"({first_line(exc)}); {SHARED_STORAGE}"
             )
     agree(error, f"read checkpoint {ckpt.step_dir_name(choice[0])}; {SHARED_STORAGE}")
     return chosen
-
-
-def _step(folder: Path) -> int:
-    from trainer import checkpoint as ckpt
-
-    match = ckpt.STEP_DIR.match(folder.name)
-    if match is None:
-        raise ckpt.CheckpointError(f"{folder} is not named like a checkpoint (step_NNNNNNN)")
-    return int(match.group(1))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
