@@ -309,3 +309,55 @@ def test_a_closed_stdout_costs_neither_the_save_nor_a_traceback(tiny_data, tmp_p
     assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
     assert "stopped by SIGTERM; checkpoint saved" in err and "resume with: python -m trainer" in err
     ckpt.verify(ckpt.find_latest(run))
+
+
+@pytest.mark.slow
+def test_a_double_ctrl_c_in_a_terminal_leaves_the_terminal_usable(tiny_data, tmp_path):
+    """Under a pseudo-terminal (bars on): the second Ctrl-C stops at once, and the bar's hidden
+    cursor is shown again before the process ends."""
+    import pty
+
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "trainer", *tiny_args(tiny_data, tmp_path, "--epochs", "1000", "--progress", "bar")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**cli_env(), "TERM": "xterm", "COLUMNS": "100"},
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)  # fmt: skip
+    os.close(slave)
+    seen = b""
+
+    def read_some() -> bytes:
+        try:
+            return os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            return b""
+
+    try:
+        while b"epoch 2/1000" not in seen and proc.poll() is None:  # an epoch done, the next bar drawn
+            seen += read_some()
+        assert proc.poll() is None, seen.decode(errors="replace")
+        os.kill(proc.pid, signal.SIGINT)
+        while b"Ctrl-C again" not in seen and proc.poll() is None:
+            seen += read_some()
+        os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=600)
+        while chunk := read_some():
+            seen += chunk
+    finally:
+        proc.kill()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert code == 130, text[-2000:]
+    hidden, shown = text.rfind("\x1b[?25l"), text.rfind("\x1b[?25h")
+    assert hidden != -1 and shown > hidden, "the cursor stays hidden"
+    assert "Traceback" not in text and "interrupted; no checkpoint was written for the current step" in text
+
+
+def test_ctrl_c_before_training_is_one_line_and_130():
+    """A Ctrl-C while torch still imports (the first seconds) reaches main_entry as KeyboardInterrupt."""
+    code = ("import trainer.cli as cli\n"
+            "def interrupted(argv=None):\n    raise KeyboardInterrupt\n"
+            "cli.main = interrupted\ncli.main_entry()\n")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=cli_env())
+    assert result.returncode == 130
+    assert result.stderr.strip().splitlines() == [
+        "trainer: error: interrupted before training began; nothing was written"
+    ]

@@ -213,7 +213,10 @@ def _main(argv: list[str] | None) -> int:
 
 def main_entry() -> None:
     """Entry point of `trainer` and `python -m trainer`."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before training began (torch's import takes seconds): nothing to save
+        code = fail("interrupted before training began; nothing was written", 130)
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         # Everything is saved and flushed; the interpreter's teardown of a gloo group whose peers

@@ -159,6 +159,11 @@ class Reporter:
         else:
             self.line(f"{self._epoch_text}: evaluating {images:,} images")
 
+    def close(self) -> None:
+        """Leaves the terminal as it was (cursor shown, bar finished) on every way out of a run."""
+        self.end_epoch()
+        self.evaluated()
+
     def evaluated(self) -> None:
         status = getattr(self, "_status", None)
         if status is not None:

@@ -303,6 +303,7 @@ class Trainer:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
             self.accelerator.trackers = []
+            self.report.close()
             self.close()
 
     def _fit(self) -> list[dict[str, Any]]:
