@@ -361,3 +361,36 @@ def test_ctrl_c_before_training_is_one_line_and_130():
     assert result.stderr.strip().splitlines() == [
         "trainer: error: interrupted before training began; nothing was written"
     ]
+
+
+def test_every_command_takes_json_the_same_way_and_prints_plain_text_when_piped(tiny_run, tiny_data, tmp_path, capsys):
+    """`--json` alone or `--json -`: JSON on stdout instead of the table; `--json PATH`: the table
+    and a file. The tables are plain text (no box drawing) when stdout is not a terminal."""
+    from conftest import reset_accelerate
+    from PIL import Image
+
+    from trainer import evaluate, predict
+    from trainer.data import load_split
+
+    image = tmp_path / "digit.png"
+    Image.fromarray(load_split("mnist", tiny_data, train=False).images[0].numpy(), mode="L").save(image)
+    commands = {
+        "evaluate": (evaluate.main, [str(tiny_run / "best"), "--data-dir", str(tiny_data), "--cpu"], "correct"),
+        "predict": (predict.main, [str(tiny_run / "best"), str(image), "--cpu"], "class"),
+    }
+    for name, (main, args, key) in commands.items():
+        for flag in (["--json"], ["--json", "-"]):
+            reset_accelerate()
+            capsys.readouterr()
+            assert main([*args, *flag]) == 0, name
+            parsed = json.loads(capsys.readouterr().out)  # nothing but JSON on stdout
+            assert key in (parsed[0] if isinstance(parsed, list) else parsed), name
+        reset_accelerate()
+        path = tmp_path / f"{name}.json"
+        assert main([*args, "--json", str(path)]) == 0, name
+        table = capsys.readouterr().out
+        assert json.loads(path.read_text()) and table.strip(), name
+        assert not set(table) & set("┏┃━│─┡╇└┘"), f"{name} drew boxes into a pipe:\n{table}"
+    reset_accelerate()
+    with pytest.raises(SystemExit):  # one convention: --cpu, not --device
+        predict.main([str(tiny_run / "best"), str(image), "--device", "cpu"])

@@ -61,10 +61,10 @@ def test_png_digits_get_the_models_class_in_every_variant(tiny_run, digits, tmp_
         assert code == 0, err
         assert [r["image"] for r in results] == files
         for r, p in zip(results, expected):
-            assert r["label"] == int(p.argmax()), kind  # inverted and RGB files are read back to the same pixels
+            assert r["class"] == int(p.argmax()), kind  # inverted and RGB files are read back to the same pixels
             assert r["probability"] == pytest.approx(float(p.max()), rel=1e-5)
-            assert r["name"] == str(r["label"])
-            assert len(r["top_k"]) == 3 and r["top_k"][0]["label"] == r["label"]
+            assert r["name"] == str(r["class"])
+            assert len(r["top_k"]) == 3 and r["top_k"][0]["class"] == r["class"]
             probabilities = [t["probability"] for t in r["top_k"]]
             assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
 

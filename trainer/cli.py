@@ -136,6 +136,29 @@ def _checkpoint_state(args: dict[str, Any]) -> dict[str, Any]:
         raise ckpt.CheckpointError(f"{folder / ckpt.STATE_NAME}: unreadable run configuration ({exc})") from None
 
 
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """`--json [PATH]`, the same in every command: no PATH or `-` means stdout (instead of the table)."""
+    parser.add_argument(
+        "--json", nargs="?", const="-", default=None, metavar="PATH",
+        help="also write the results as JSON to PATH; with no PATH (or -), print JSON to stdout instead of the table",
+    )  # fmt: skip
+
+
+def write_json(obj: Any, target: str) -> int:
+    """Writes `obj` as JSON to `target` (`-`: stdout); a failure is one line and exit code 2."""
+    text = json.dumps(obj, indent=1) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return 0
+    try:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+    except OSError as exc:
+        return fail(f"cannot write --json {target}: {exc.strerror or exc}")
+    return 0
+
+
 def fail(message: str, code: int = 2, everywhere: bool = True) -> int:
     """One line on stderr and an exit code. With several processes, each process that failed says
     so, prefixed with its rank (the failure may be its machine's alone); `everywhere=False` keeps

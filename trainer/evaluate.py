@@ -230,6 +230,10 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=10_000)
+    # Boxes on a terminal; plain columns in a log file or a pipe, as the trainer prints.
+    box = {} if console.is_terminal else {"box": None, "show_edge": False}
     names = summary["class_names"]
     # MNIST's names are its digits; other data sets' names are worth a column.
     named = names != [str(k) for k in range(len(names))]
@@ -239,7 +243,7 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
         f"{summary['dataset']} test split: accuracy [bold]{summary['accuracy']:.4f}[/] "
         f"({summary['correct']}/{summary['seen']})  loss {summary['loss']:.4f}  macro-F1 {summary['macro_f1']:.4f}"
     )
-    per_class = Table(title="per class", title_justify="left")
+    per_class = Table(title="per class", title_justify="left", **box)
     per_class.add_column("class", justify="right")
     if named:
         per_class.add_column("name")
@@ -254,7 +258,7 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     totals += [f"{summary[f'macro_{k}']:.4f}" for k in ("precision", "recall", "f1")] + [str(summary["seen"])]
     per_class.add_row(*totals, style="bold")
     console.print(per_class)
-    matrix = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")
+    matrix = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left", **box)
     matrix.add_column("true \\ pred", justify="right")
     for k in range(len(names)):
         matrix.add_column(str(k), justify="right")
@@ -279,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size per process")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     parser.add_argument("--mixed-precision", choices=PRECISIONS, default=None, help="default: accelerate's config")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
+    from trainer.cli import add_json_flag
+
+    add_json_flag(parser)
     return parser
 
 
@@ -297,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trainer.cli import fail
+    from trainer.cli import write_json
     from trainer.engine import make_accelerator
 
     acc = make_accelerator(TrainConfig(cpu=args.cpu, mixed_precision=args.mixed_precision))
@@ -323,13 +329,10 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate_model(acc, model, loader, len(loaded.class_names), channels_last, loaded.normalization)
     summary = report(result, loaded, num_processes=acc.num_processes, mixed_precision=acc.mixed_precision)
     if acc.is_main_process:
-        print_report(summary)
-        if args.json:
-            try:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
-            except OSError as exc:
-                return fail(f"cannot write --json {args.json}: {exc}")
+        if args.json != "-":
+            print_report(summary)
+        if args.json is not None:
+            return write_json(summary, args.json)
     return 0
 
 

@@ -10,7 +10,6 @@ test image saved as PNG gets exactly the prediction `trainer.evaluate` counted f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -121,14 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="a checkpoint folder (step_*), a run's `best` link or a model.safetensors")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument("--top-k", type=int, default=1, metavar="K", help="also show the K most likely classes")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
     parser.add_argument(
         "--invert",
         choices=("auto", "yes", "no"),
         default="auto",
         help="make dark-on-light images light-on-dark like MNIST (auto: when the image's border is bright)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device to run the model on")
+    parser.add_argument("--cpu", action="store_true", help="predict on the CPU even when a GPU is present")
+    from trainer.cli import add_json_flag
+
+    add_json_flag(parser)
     return parser
 
 
@@ -142,13 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--top-k must be at least 1, got {args.top_k}")
     try:
         loaded = load_model(args.checkpoint)
-        device = torch.device(args.device)
     except CheckpointError as exc:
         return fail(str(exc))
-    except RuntimeError as exc:  # torch's refusal of a device string
-        return fail(f"--device {args.device}: {first_line(exc)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return fail(f"--device {args.device}: no CUDA GPU is available here (the default is cpu)")
+    device = _device(args.cpu)
     if tuple(loaded.input_shape[1:]) != (SIZE, SIZE):
         return fail(f"{loaded.path}: input shape {loaded.input_shape} is not MNIST's (1, 28, 28)")
     paths, images, failed = [], [], 0
@@ -167,13 +165,25 @@ def main(argv: list[str] | None = None) -> int:
         # lower class, as argmax does in evaluation; topk's order among equals is unspecified.
         top_p, top_i = (t[:, :k] for t in probabilities.sort(dim=1, descending=True, stable=True))
         for path, ps, ks in zip(paths, top_p.tolist(), top_i.tolist()):
-            top = [{"label": c, "name": loaded.class_names[c], "probability": p} for p, c in zip(ps, ks)]
+            top = [{"class": c, "name": loaded.class_names[c], "probability": p} for p, c in zip(ps, ks)]
             results.append({"image": str(path), **top[0], "top_k": top})
-    if args.json:
-        print(json.dumps(results, indent=1))
-    elif results:
+    from trainer.cli import write_json
+
+    if results and args.json != "-":
         _print_table(results, args.top_k > 1, loaded.class_names)
+    if args.json is not None and write_json(results, args.json):
+        failed += 1
     return 2 if failed else 0
+
+
+def _device(cpu: bool) -> torch.device:
+    """The convention of every command: a GPU (or Apple's MPS) when there is one, unless --cpu."""
+    if not cpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if not cpu and mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def _print_table(results: list[dict[str, Any]], show_top: bool, class_names: tuple[str, ...]) -> None:
@@ -183,9 +193,12 @@ def _print_table(results: list[dict[str, Any]], show_top: bool, class_names: tup
     named = list(class_names) != [str(k) for k in range(len(class_names))]
 
     def label(entry: dict[str, Any]) -> str:
-        return f"{entry['label']} {entry['name']}" if named else str(entry["label"])
+        return f"{entry['class']} {entry['name']}" if named else str(entry["class"])
 
-    table = Table()
+    console = Console(highlight=False)
+    if not console.is_terminal:  # plain columns, whole paths: a log or a pipe is read by people and scripts
+        console = Console(highlight=False, width=10_000)
+    table = Table(**({} if console.is_terminal else {"box": None, "show_edge": False}))
     table.add_column("image", overflow="fold")
     table.add_column("class")
     table.add_column("probability", justify="right")
@@ -196,7 +209,7 @@ def _print_table(results: list[dict[str, Any]], show_top: bool, class_names: tup
         if show_top:
             cells.append(", ".join(f"{label(t)}: {t['probability']:.4f}" for t in r["top_k"]))
         table.add_row(*cells)
-    Console(highlight=False).print(table)
+    console.print(table)
 
 
 if __name__ == "__main__":
