@@ -94,3 +94,30 @@ def test_real_mnist_short_run_counts_every_test_image(real_data, tmp_path):
     assert last["valid_seen"] == 10_000
     assert last["train_samples"] == 40 * 512
     assert last["valid_acc"] >= 0.90, last
+
+
+def test_the_epoch_table_fits_an_80_column_terminal_and_keeps_its_columns_aligned():
+    import io
+
+    from rich.console import Console
+
+    from trainer.console import Reporter
+
+    out = io.StringIO()
+    reporter = Reporter(True, "bar")
+    reporter.console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    rows = [
+        {"epoch": 1, "step": 117, "train_loss": 0.1234, "train_acc": 0.9, "valid_loss": 0.5, "valid_acc": 0.97,
+         "valid_correct": 9700, "valid_seen": 10000, "lr": 0.5, "epoch_time_s": 5.2, "train_samples_per_s": 11520.0},
+        {"epoch": 10, "step": 1170, "train_loss": 12.5, "train_acc": 0.99, "valid_loss": 123.25, "valid_acc": 0.9933,
+         "valid_correct": 9933, "valid_seen": 10000, "lr": 6.49e-05, "epoch_time_s": 1234.5,
+         "train_samples_per_s": 188000.0},
+    ]  # fmt: skip
+    for row in rows:
+        reporter.epoch_row(row)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and all(len(line) <= 80 for line in lines), lines
+    assert len({len(line) for line in lines}) == 1, lines  # wide values do not shift the columns
+    header = lines[0].split()
+    assert {"epoch", "acc", "correct/seen"} <= set(header)
+    assert "6.49e-05" in lines[2] or "lr" not in header

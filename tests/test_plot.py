@@ -15,7 +15,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def fake_run(folder):
     """A run folder's two logs for two epochs of three steps, as the trainer writes them."""
     folder.mkdir(parents=True)
-    metrics = [{"epoch": e, "step": 3 * e, "train_acc": 0.5 + e / 10, "valid_acc": 0.6 + e / 10} for e in (1, 2)]
+    metrics = [{"epoch": e, "step": 3 * e, "train_acc": 0.5 + e / 10, "valid_acc": 0.6 + e / 10,
+                "valid_loss": 1.2 / e} for e in (1, 2)]  # fmt: skip
     curves = [{"epoch": e, "last_step": 3 * e, "loss": [2.0, 1.5, 1.0], "lr": [0.1, 0.2, 0.1]} for e in (1, 2)]
     for name, rows in (("metrics.jsonl", metrics), ("curves.jsonl", curves)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -57,3 +58,28 @@ def test_a_folder_without_logs_is_one_line_and_exit_2(tmp_path, capsys):
     assert plot.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.jsonl not found" in err
+
+
+def test_a_one_epoch_run_reads_right(tmp_path, monkeypatch):
+    """'1 epoch', whole-epoch ticks only, a validation-loss curve, and a legend placed by the data."""
+    import matplotlib.figure
+
+    run = fake_run(tmp_path / "run")
+    for name in ("metrics.jsonl", "curves.jsonl"):  # keep the first epoch only
+        path = run / name
+        path.write_text(path.read_text().splitlines()[0] + "\n")
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    assert plot.main([str(run)]) == 0
+    (fig,) = figures
+    assert fig._suptitle.get_text() == "run: 1 epoch, 3 steps"
+    ax_loss, _, ax_acc = fig.axes
+    assert list(ax_acc.get_xticks()) == [1]
+    assert "validation (end of each epoch)" in [t.get_text() for t in ax_loss.get_legend().get_texts()]
+    assert ax_acc.get_legend()._loc == 0  # "best"

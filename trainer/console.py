@@ -47,6 +47,10 @@ COLUMNS = (  # (header, key in the metrics record, format)
     ("warmup s", "warmup_s", "{:.1f}"),  # shown only when some epoch had a warm-up of a second or more
     ("samples/s", "train_samples_per_s", "{:,.0f}"),
 )
+# The widest value each column takes in practice ("6.49e-05", "188,000"): rows stay aligned.
+WIDEST = {"epoch": 5, "step": 7, "lr": 8, "epoch_time_s": 7, "warmup_s": 7, "train_samples_per_s": 9}
+# On a narrow terminal, columns go in this order until the table fits.
+DROP_ORDER = ("warmup_s", "train_samples_per_s", "epoch_time_s", "step", "train_loss", "lr", "valid_loss")
 
 
 def _cells(record: dict[str, Any], columns: tuple[tuple[str, str | None, str | None], ...]) -> list[str]:
@@ -179,10 +183,17 @@ class Reporter:
         """One row of the epoch table (the header once, before the first row)."""
         if not self.enabled:
             return
-        if self._widths is None:  # the columns and their widths follow the first row, with room to grow
-            self._columns = tuple(c for c in COLUMNS if c[1] != "warmup_s" or record.get("warmup_s", 0.0) >= 1.0)
-            cells = _cells(record, self._columns)
-            self._widths = [max(len(h), len(c) + 1) for (h, _, _), c in zip(self._columns, cells)]
+        if self._widths is None:  # the columns follow the first row (and the terminal's width)
+            columns = [c for c in COLUMNS if c[1] != "warmup_s" or record.get("warmup_s", 0.0) >= 1.0]
+            cells = _cells(record, tuple(columns))
+            widths = {c[0]: max(len(c[0]), len(v), WIDEST.get(c[1] or "", 0)) for c, v in zip(columns, cells)}
+            limit = self.console.width if self.bars else None  # a log file or a pipe keeps every column
+            for key in DROP_ORDER:
+                if limit is None or sum(widths[c[0]] + 2 for c in columns) - 2 <= limit:
+                    break
+                columns = [c for c in columns if c[1] != key]
+            self._columns = tuple(columns)
+            self._widths = [widths[c[0]] for c in columns]
             self.line("  ".join(h.rjust(w) for (h, _, _), w in zip(self._columns, self._widths)), style="bold")
         cells = _cells(record, self._columns)
         self.line("  ".join(c.rjust(w) for c, w in zip(cells, self._widths)))

@@ -62,6 +62,10 @@ def smooth(values: list[float], window: float) -> list[float]:
     return out
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def plot_run(run_dir: Path, out: Path) -> Path:
     """Draws the run's three panels into `out` (PNG) and returns it."""
     metrics = read_jsonl(run_dir / METRICS_NAME)
@@ -71,6 +75,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         lr_steps, lrs = step_series(curves, "lr")
         epochs = [r["epoch"] for r in metrics]
         train_acc, valid_acc = [r["train_acc"] for r in metrics], [r["valid_acc"] for r in metrics]
+        valid_steps, valid_loss = [r["step"] for r in metrics], [r["valid_loss"] for r in metrics]
     except (KeyError, TypeError) as exc:
         raise RunError(f"{run_dir}: logs lack the field {exc} (written by another version?)") from None
     try:
@@ -83,7 +88,8 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
     ax_loss.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
     ax_loss.plot(steps, smooth(losses, len(losses) / 20), color="tab:blue", linewidth=1.8, label="smoothed")
-    if losses and min(losses) > 0:
+    ax_loss.plot(valid_steps, valid_loss, color="tab:red", marker="o", label="validation (end of each epoch)")
+    if losses and min(losses + valid_loss) > 0:
         ax_loss.set_yscale("log")
     if len(curves) <= 50:  # epoch boundaries, while they stay readable
         for record in curves[:-1]:
@@ -96,9 +102,13 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     best = max(range(len(valid_acc)), key=valid_acc.__getitem__)
     ax_acc.plot(epochs, valid_acc, marker="o", label=f"valid (best {valid_acc[best]:.4f}, epoch {epochs[best]})")
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy")
-    ax_acc.xaxis.get_major_locator().set_params(integer=True)
-    ax_acc.legend(loc="lower right")
-    fig.suptitle(f"{run_dir.resolve().name}: {len(epochs)} epochs, {steps[-1] if steps else 0} steps")
+    if len(epochs) <= 20:
+        ax_acc.set_xticks(epochs)  # whole epochs only, even for a run of one
+    else:
+        ax_acc.xaxis.get_major_locator().set_params(integer=True)
+    ax_acc.legend(loc="best")  # a few points: cheap to search, and no point is hidden behind it
+    n_steps = steps[-1] if steps else 0
+    fig.suptitle(f"{run_dir.resolve().name}: {_count(len(epochs), 'epoch')}, {_count(n_steps, 'step')}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=110)
