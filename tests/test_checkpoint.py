@@ -270,3 +270,29 @@ def test_signal_saves_prints_resume_command_and_exits_128_plus_signum(run_main, 
     assert f"resumed from {latest}" in resumed.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_two_ctrl_c_during_one_long_step_mean_now(tiny_data, tmp_path):
+    """Python runs the handler once for two SIGINTs that arrive inside one C++ call; the C-level
+    handler has written one byte per signal to the wakeup socket. Simulated: two bytes, one call."""
+    from conftest import reset_accelerate
+
+    from trainer import TrainConfig, Trainer
+    from trainer.engine import _StopSignals
+
+    reset_accelerate()
+    trainer = Trainer(TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), epochs=1, limit_train_batches=1,
+                                  batch_size=64, cpu=True, progress="plain"))  # fmt: skip
+    try:
+        with _StopSignals(trainer) as signals:
+            signals._wakeup[1].send(bytes([signal.SIGINT, signal.SIGINT]))
+            with pytest.raises(KeyboardInterrupt):
+                signals._handle(signal.SIGINT, None)
+        with _StopSignals(trainer) as signals:  # one press: save and stop after the step
+            trainer._stop_signal = None
+            signals._wakeup[1].send(bytes([signal.SIGINT]))
+            signals._handle(signal.SIGINT, None)
+            assert trainer._stop_signal == signal.SIGINT
+        assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back
+    finally:
+        trainer.close()

@@ -758,19 +758,46 @@ class Trainer:
 
 
 class _StopSignals:
-    """SIGINT/SIGTERM ask the trainer to save and stop after the current step; a second Ctrl-C stops at once."""
+    """SIGINT/SIGTERM ask the trainer to save and stop after the current step; a second Ctrl-C stops at once.
+
+    Python runs a signal's handler only between bytecodes, so two Ctrl-Cs during one long step
+    (a backward pass in C++) reach `_handle` once. The C-level handler still writes one byte per
+    signal to the wakeup fd, so counting those bytes tells a double press from a single one.
+    """
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.previous: dict[int, Any] = {}
+        self._wakeup: tuple[Any, Any] | None = None
+        self._previous_fd = -1
 
     def __enter__(self) -> _StopSignals:
+        import socket
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         return self
 
+    def _presses(self) -> int:
+        """SIGINTs delivered since the last look (each wrote its number to the wakeup socket)."""
+        if self._wakeup is None:
+            return 0
+        count = 0
+        try:
+            while data := self._wakeup[0].recv(4096):
+                count += data.count(bytes([signal.SIGINT]))
+        except (BlockingIOError, OSError):
+            pass
+        return count
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.trainer._stop_signal is not None:
+        double = signum == signal.SIGINT and self._presses() >= 2  # both pressed during one long step
+        if self.trainer._stop_signal is not None or double:
             # Only a second Ctrl-C means "now". A SIGTERM after a Ctrl-C is usually the launcher
             # dying from the same Ctrl-C (see cli.die_with_launcher): the save must go on.
             if signum == signal.SIGINT:
@@ -784,6 +811,11 @@ class _StopSignals:
         )
 
     def __exit__(self, *exc: Any) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        if self._wakeup is not None:
+            for end in self._wakeup:
+                end.close()
+            self._wakeup = None
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
