@@ -54,7 +54,7 @@ def test_console_script_is_installed():
 def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data, tmp_path):
     """The README's command end to end, then what a scheduler's `kill PID` does to it: the
     SIGTERM reaches the launcher only; the trainer must notice, save, and leave no orphan."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs/cpu.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs/auto.yaml"),
            "-m", "trainer", *tiny_args(tiny_data, tmp_path, "--epochs", "1000")]  # fmt: skip
     # No OMP_NUM_THREADS: the launcher's silent default of 1 is not a choice, so the trainer takes its cores.
     env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
@@ -93,9 +93,10 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
     assert records[0]["valid_seen"] == 1001 and records[0]["step"] == 24
     assert records[0]["valid_acc"] > 0.5  # the fake digits are easy; a broken loop stays near 0.1
     assert "SIGTERM received" in err and "--resume latest" in out
+    assert "were not passed to `accelerate launch`" not in err  # the README's first command is quiet
     # The resume command starts the launcher as it was started, config file and all.
     hint = next(line for line in out.splitlines() if line.startswith("resume with: "))
-    config = REPO / "launch_configs" / "cpu.yaml"
+    config = REPO / "launch_configs" / "auto.yaml"
     assert hint.startswith(f"resume with: accelerate launch --config_file {config} -m trainer ")
     assert json.loads((latest / "state.json").read_text())["step"] >= 24
 
@@ -244,7 +245,7 @@ def test_launch_configs_load_with_accelerates_loader():
     from accelerate.commands.config.config_args import load_config_from_file
 
     names = {p.stem for p in (REPO / "launch_configs").glob("*.yaml")}
-    assert names == {"cpu", "single_gpu", "multi_gpu", "fp16", "bf16", "multi_node"}
+    assert names == {"auto", "cpu", "single_gpu", "multi_gpu", "fp16", "bf16", "multi_node"}
     for name in names:
         config = load_config_from_file(str(REPO / "launch_configs" / f"{name}.yaml"))
         assert config.compute_environment.name == "LOCAL_MACHINE", name
