@@ -23,8 +23,6 @@ from trainer.data import first_line
 
 # MNIST's recipe: the digit fits in a BOX x BOX square, centred by mass in the SIZE x SIZE image.
 SIZE, BOX = 28, 20
-# After background removal and contrast stretching, pixels above this share (of 255) count as ink.
-INK_THRESHOLD = 0.2
 
 
 class ImageError(Exception):
@@ -62,24 +60,95 @@ def _border(grey: Tensor) -> Tensor:
     return torch.cat([grey[:w].flatten(), grey[-w:].flatten(), grey[:, :w].flatten(), grey[:, -w:].flatten()])
 
 
+# Photographs are worked on at most this size: a digit needs no more, and the filters stay cheap.
+WORK_SIZE = 256
+# Ink must stand out from the paper by at least this much (of 255) after flat-fielding, or the page is empty.
+MIN_CONTRAST = 40.0
+
+
+class EmptyImage(ImageError):
+    """No ink stands out from the background: reported, never guessed."""
+
+
+def _dark_ink(grey: Tensor) -> bool:
+    """Whether the ink is darker than the paper: the background is most of the picture, so the ink
+    lies on the side of the median with the longer tail."""
+    low, mid, high = torch.quantile(grey.flatten()[:: max(1, grey.numel() // 65536)], torch.tensor([0.005, 0.5, 0.995]))
+    return bool(mid - low >= high - mid)
+
+
+def _filter(image: Tensor, *filters: Any) -> Tensor:
+    """PIL's filters (min, max, median, blur) on a float [H, W] image on the 0-255 scale."""
+    import numpy as np
+    from PIL import Image
+
+    picture = Image.fromarray(image.clamp(0, 255).round().to(torch.uint8).numpy(), mode="L")
+    for f in filters:
+        picture = picture.filter(f)
+    return torch.from_numpy(np.asarray(picture, dtype=np.float32).copy())
+
+
+def _otsu(values: Tensor) -> float:
+    """Otsu's threshold of values on the 0-255 scale: the split that best separates two classes."""
+    hist = torch.histc(values, bins=256, min=0, max=255).double()
+    levels = torch.arange(256, dtype=torch.float64)
+    weight = hist.cumsum(0)
+    mass = (hist * levels).cumsum(0)
+    total, total_mass = weight[-1], mass[-1]
+    between = (total_mass * weight / total - mass) ** 2 / (weight * (total - weight)).clamp(min=1e-9)
+    return float(between[:-1].argmax())
+
+
+def ink_of(grey: Tensor, invert: str = "auto") -> Tensor:
+    """A photograph or scan (grey levels, any size) -> the ink's strength, bright on black.
+
+    The paper's own brightness (a lighting gradient, a shadow) is estimated where there is no
+    ink (a min filter wider than the strokes, then a blur) and taken away; sensor noise is
+    smoothed by a median filter; Otsu's threshold on what is left separates ink from paper.
+    """
+    import torch.nn.functional as F  # noqa: N812
+
+    height, width = grey.shape
+    scale = min(1.0, WORK_SIZE / max(height, width))
+    if scale < 1.0:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        grey = F.interpolate(grey[None, None], size=size, mode="area")[0, 0]
+    dark = _dark_ink(grey) if invert == "auto" else invert == "yes"
+    bright = 255.0 - grey if dark else grey  # ink brighter than the paper from here on
+    from PIL import ImageFilter
+
+    side = min(bright.shape)
+    wide = max(3, (side // 12) | 1)  # wider than a stroke: the min filter leaves the paper only
+    background = _filter(bright, ImageFilter.MinFilter(wide), ImageFilter.GaussianBlur(side / 12))
+    ink = _filter((bright - background).clamp(min=0), ImageFilter.MedianFilter(3))
+    peak = torch.quantile(ink.flatten(), 0.999).item()
+    if peak < MIN_CONTRAST:
+        raise EmptyImage("no digit found: nothing stands out from the background")
+    threshold = max(_otsu(ink), peak * 0.25)
+    ink = torch.where(ink > threshold, ink, torch.zeros_like(ink))
+    # Specks of noise that passed the threshold: an opening (min then max filter) removes them from the mask.
+    mask = _filter((ink > 0).float() * 255, ImageFilter.MinFilter(3), ImageFilter.MaxFilter(3)) > 0
+    if mask.sum() < 4:
+        raise EmptyImage("no digit found: nothing stands out from the background")
+    return ink * mask
+
+
 def to_mnist(grey: Tensor, invert: str = "auto") -> Tensor:
     """Grey levels [H, W] (0-255) -> a 28x28 image in MNIST's format: white ink on black, centred.
 
-    `invert`: "auto" inverts dark-on-light images (a bright border), "yes" / "no" force it.
+    `invert`: "auto" decides whether the ink is darker than the paper, "yes" / "no" force it.
+    A 28x28 image is taken as a scan in MNIST's own format (only inverted when its border is light).
     """
-    if invert == "yes" or (invert == "auto" and _border(grey).mean() > 127.5):
-        grey = 255.0 - grey
     if tuple(grey.shape) == (SIZE, SIZE):  # already the input format: exactly what evaluation sees
+        if invert == "yes" or (invert == "auto" and _border(grey).mean() > 127.5):
+            grey = 255.0 - grey
         return grey
-    background = _border(grey).median()
-    ink = (grey - background).clamp(min=0)
-    peak = ink.max()
-    if peak <= 0:  # a blank image: nothing to centre
-        return torch.zeros(SIZE, SIZE)
-    ink = ink * (255.0 / peak)  # MNIST's strokes reach full white whatever the pen or the lighting
-    rows = (ink > 255 * INK_THRESHOLD).any(dim=1).nonzero().flatten()
-    cols = (ink > 255 * INK_THRESHOLD).any(dim=0).nonzero().flatten()
+    ink = ink_of(grey, invert)
+    rows = (ink > 0).any(dim=1).nonzero().flatten()
+    cols = (ink > 0).any(dim=0).nonzero().flatten()
     ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    strong = ink[ink > 0]
+    ink = (ink * (255.0 / torch.quantile(strong, 0.9).clamp(min=1.0))).clamp(0, 255)  # strokes reach full white
     height, width = ink.shape
     scale = BOX / max(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
@@ -96,9 +165,26 @@ def to_mnist(grey: Tensor, invert: str = "auto") -> Tensor:
     return out
 
 
+def save_input(image: Tensor, folder: str | os.PathLike, source: str | os.PathLike) -> None:
+    """Writes the model's input for `source` as a 28x28 grey PNG in `folder`."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        pixels = image.clamp(0, 255).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels, mode="L").save(Path(folder) / f"{Path(source).stem}.png")
+    except OSError as exc:
+        raise ImageError(f"--save-inputs {folder}: {exc.strerror or exc}") from None
+
+
 def load_image(path: str | os.PathLike, invert: str = "auto") -> Tensor:
     """An image file -> float32 [28, 28] on the 0-255 scale, ready for `trainer.evaluate.model_input`."""
-    return to_mnist(read_grey(path), invert)
+    try:
+        return to_mnist(read_grey(path), invert)
+    except EmptyImage as exc:
+        raise EmptyImage(f"{path}: {exc}") from None
 
 
 @torch.no_grad()
@@ -128,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="make dark-on-light images light-on-dark like MNIST (auto: when the image's border is bright)",
     )
     parser.add_argument("--cpu", action="store_true", help="predict on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--save-inputs", metavar="DIR", default=None,
+        help="also write the 28x28 image the model sees for each input, as DIR/<name>.png (to see what went wrong)",
+    )  # fmt: skip
     from trainer.cli import add_json_flag
 
     add_json_flag(parser)
@@ -154,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             images.append(load_image(path, args.invert))
             paths.append(path)
+            if args.save_inputs:
+                save_input(images[-1], args.save_inputs, path)
         except ImageError as exc:
             fail(str(exc))  # one line now; the exit code says it at the end
             failed += 1

@@ -1,0 +1,83 @@
+"""predict on photographs, not only scans: grey paper, a lighting gradient, sensor noise and
+coloured ink. Test digits are real MNIST test images rendered three ways (nothing committed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import main_in_process, reset_accelerate
+from PIL import Image, ImageFilter
+
+from trainer import predict
+from trainer.data import load_split
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def mnist_model(real_data, tmp_path_factory):
+    """The default recipe for 3 epochs on real MNIST (about 98.7% on the test split)."""
+    out = tmp_path_factory.mktemp("photos")
+    args = ["--data-dir", str(real_data), "--output-dir", str(out), "--epochs", "3", "--progress", "plain"]
+    assert main_in_process(args) == 0
+    return out / "mnist" / "best"
+
+
+@pytest.fixture(scope="module")
+def digits(real_data):
+    split = load_split("mnist", real_data, train=False)
+    return split.images[:N], split.labels[:N].tolist()
+
+
+def enlarged(digit: torch.Tensor, size: int = 180, thin: bool = False) -> Image.Image:
+    """The 28x28 digit (white on black) as a large grey picture of its strokes; `thin` erodes them."""
+    picture = Image.fromarray(digit.numpy(), mode="L").resize((size, size), Image.BILINEAR)
+    return picture.filter(ImageFilter.MinFilter(9)) if thin else picture
+
+
+def render(digit: torch.Tensor, kind: str, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    strokes = torch.from_numpy(np.asarray(enlarged(digit, thin=kind == "thin"), dtype=np.float32).copy())
+    alpha = torch.zeros(300, 300)
+    top, left = 40 + int(torch.randint(0, 60, (1,), generator=g)), 30 + int(torch.randint(0, 80, (1,), generator=g))
+    alpha[top : top + 180, left : left + 180] = strokes / 255
+    if kind in ("clean", "thin"):
+        paper, ink = torch.full((300, 300, 3), 255.0), torch.tensor([0.0, 0.0, 0.0])
+    else:  # a photo of grey paper: light falls from the left, sensor noise, blue ink
+        gradient = torch.linspace(215, 120, 300).view(1, 300, 1).expand(300, 300, 3)
+        paper = gradient * torch.tensor([1.0, 0.98, 0.93]) + torch.randn(300, 300, 3, generator=g) * 9
+        ink = torch.tensor([35.0, 45.0, 150.0])
+    pixels = paper * (1 - alpha[..., None]) + ink * alpha[..., None]
+    return Image.fromarray(pixels.clamp(0, 255).round().to(torch.uint8).numpy(), mode="RGB")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["clean", "thin", "photo"])
+def test_a_3_epoch_model_reads_8_of_10_of_each_kind(mnist_model, digits, tmp_path, capsys, kind):
+    import json
+
+    images, labels = digits
+    paths = []
+    for i, digit in enumerate(images):
+        path = tmp_path / f"{kind}_{i}.jpg"
+        render(digit, kind, seed=i).save(path, quality=88)
+        paths.append(str(path))
+    reset_accelerate()
+    capsys.readouterr()
+    assert predict.main([str(mnist_model), *paths, "--cpu", "--json", "--save-inputs", str(tmp_path / "seen")]) == 0
+    answers = [r["class"] for r in json.loads(capsys.readouterr().out)]
+    right = sum(a == b for a, b in zip(answers, labels))
+    print(f"{kind}: {right}/10 right")
+    assert right >= 8, f"{kind}: {right}/10 right, answers {answers}, labels {labels}"
+    seen = sorted((tmp_path / "seen").glob("*.png"))
+    assert len(seen) == N and Image.open(seen[0]).size == (28, 28)
+
+
+def test_an_empty_page_is_reported_not_guessed(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    paper = torch.linspace(215, 120, 300).view(1, 300).expand(300, 300) + torch.randn(300, 300, generator=g) * 9
+    path = tmp_path / "empty.jpg"
+    Image.fromarray(paper.clamp(0, 255).round().to(torch.uint8).numpy(), mode="L").save(path)
+    with pytest.raises(predict.EmptyImage, match="no digit found"):
+        predict.load_image(path)
