@@ -65,7 +65,8 @@ DESCRIPTIONS = {
     "baseline": "the blog's loop: torchvision MNIST + ToTensor/Normalize DataLoader, fp32, per-batch host syncs",
     "trainer": "trainer.Trainer (Accelerate): train_epoch() + evaluate(), no log/checkpoint writes",
     "bare": "plain PyTorch on the Trainer's data path, precision and memory format, no Accelerate",
-    "launched": "the README's command as a user runs it: `accelerate launch -m trainer` in a subprocess, "
+    "launched": "the README's command as a user runs it: `accelerate launch --config_file launch_configs/auto.yaml "
+    "-m trainer` in a subprocess, "
     "default flags, with its checkpoints and logs; times from its metrics.jsonl",
     "trainer_bf16": "trainer with --mixed-precision bf16",
     "trainer_compile": "trainer with --compile (torch.compile, inductor)",
@@ -251,8 +252,10 @@ FACTORIES: dict[str, Callable[[Settings, str], Any]] = {
 def run_launched(s: Settings, out_dir: str, result: dict[str, Any]) -> None:
     """`accelerate launch -m trainer` with default flags, in a subprocess; epochs from its metrics.jsonl.
     No OMP_NUM_THREADS: the trainer picks its threads as it does for a user."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "trainer", "--epochs", str(s.epochs),
-           "--data-dir", s.data_dir, "--output-dir", out_dir, "--progress", "plain"]  # fmt: skip
+    config = str(REPO / "launch_configs" / "auto.yaml")  # the README's first command
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", "trainer",
+           "--epochs", str(s.epochs), "--data-dir", s.data_dir, "--output-dir", out_dir,
+           "--progress", "plain"]  # fmt: skip
     if s.limit_train_batches is not None:
         cmd += ["--limit-train-batches", str(s.limit_train_batches)]
     if s.device == "cpu" and torch.cuda.is_available():
