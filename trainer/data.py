@@ -133,7 +133,9 @@ class TensorImages(Dataset):
         sampler covers (a --limit-eval-batches prefix), not the whole split."""
         return len(self.sampler)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, position: int) -> tuple[Tensor, Tensor]:
+        """One sample at a position of the epoch's order, as `__getitems__` reads batches."""
+        index = self.sampler.order()[position]
         return self.images[index], self.labels[index]
 
     def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor]:
