@@ -194,10 +194,6 @@ def die_with_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (argparse itself exits 2 on malformed flags)."""
-    return _main(argv)
-
-
-def _main(argv: list[str] | None) -> int:
     if argv is None:
         die_with_launcher()
     args = list(sys.argv[1:] if argv is None else argv)

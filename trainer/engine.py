@@ -373,7 +373,7 @@ class Trainer:
             if self._warmup["train"] is None:  # this process's first step: torch.compile compiles here
                 self._warmup["train"] = time.perf_counter() - t0
                 t0 = time.perf_counter()  # the epoch's time leaves it out: it is reported as warmup_s
-            if (i + 1 - first) % show_every == 0:
+            if self.report.enabled and (i + 1 - first) % show_every == 0:  # the main process shows progress
                 self.report.advance(i + 1, per_step, self._epoch_lrs[-1], probe.read_then_copy(loss))
             last = i + 1 == first + remaining
             if not last and self._stop_agreed(step=i + 1):
