@@ -255,6 +255,33 @@ def test_launch_configs_load_with_accelerates_loader():
     assert load_config_from_file(str(REPO / "launch_configs/cpu.yaml")).use_cpu is True
 
 
+@pytest.mark.parametrize("name", ["auto", "cpu", "single_gpu", "multi_gpu", "fp16", "bf16", "multi_node"])
+def test_no_launch_config_makes_accelerate_warn(name, monkeypatch, caplog, tmp_path):
+    """accelerate's 'values were not passed' warning comes from its argument check, which is run
+    here as `accelerate launch --config_file FILE -m trainer` runs it, with no OMP_NUM_THREADS and
+    8 cores (on a CPU it guesses a thread count, and says so, when there is more than one core)."""
+    import psutil
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8)
+
+    def warnings_for(config: Path) -> list[str]:
+        caplog.clear()
+        args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "trainer", "--epochs", "1"])
+        with caplog.at_level("WARNING"):
+            _validate_launch_command(args)
+        return [r.getMessage() for r in caplog.records if "were not passed" in r.getMessage()]
+
+    config = REPO / "launch_configs" / f"{name}.yaml"
+    assert warnings_for(config) == []
+    if name == "cpu":  # negative control: the same file without its mpirun_config section warns
+        text = config.read_text()
+        bare = tmp_path / "cpu.yaml"
+        bare.write_text(text[: text.index("# accelerate has no top-level key")])
+        assert "num_cpu_threads_per_process" in warnings_for(bare)[0]
+
+
 def test_help_shows_each_default_once_and_names_arguments(run_main):
     out = subprocess.run([sys.executable, "-m", "trainer", "--help"], capture_output=True, text=True, cwd=REPO,
                          env=cli_env()).stdout  # fmt: skip
