@@ -29,8 +29,9 @@ class ImageError(Exception):
     """An image that cannot be read: reported in one line; the other images are still predicted."""
 
 
-def read_grey(path: str | os.PathLike) -> Tensor:
-    """An image file as float32 grey levels [H, W] on the 0-255 scale (transparency composited on white)."""
+def read_image(path: str | os.PathLike) -> Tensor:
+    """An image file as float32 on the 0-255 scale: [H, W] when it is grey, [H, W, 3] in colour
+    (transparency composited on white paper)."""
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -39,19 +40,34 @@ def read_grey(path: str | os.PathLike) -> Tensor:
             opened.load()
             image = ImageOps.exif_transpose(opened)  # photos from phones are stored rotated
             if image.mode.startswith("I"):  # 16-bit grey PNGs open as I;16 or I, on a 0-65535 scale
-                grey = np.asarray(image, dtype=np.float32) * (255.0 / 65535.0)
+                pixels = np.asarray(image, dtype=np.float32) * (255.0 / 65535.0)
             else:
                 if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                     # Drawing programs save ink on a transparent background: put it on paper.
                     rgba = image.convert("RGBA")
                     image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-                grey = np.asarray(image.convert("L"), dtype=np.float32)
+                grey = image.mode in ("1", "L", "LA") or (image.mode == "P" and _grey_palette(image))
+                pixels = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # OSError covers unidentifiable, truncated and unreadable files (and folders).
         raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
-    return torch.from_numpy(np.array(grey, dtype=np.float32))
+    return torch.from_numpy(np.array(pixels, dtype=np.float32))
+
+
+def _grey_palette(image: Any) -> bool:
+    palette = image.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+
+
+def luminance(image: Tensor) -> Tensor:
+    """[H, W, 3] -> [H, W] grey exactly as PIL's "L" conversion makes it (ITU-R 601 weights in
+    16-bit fixed point, rounded); grey stays as it is."""
+    if image.dim() == 2:
+        return image
+    weights = torch.tensor([19595, 38470, 7471], dtype=torch.int64)
+    return ((image.round().to(torch.int64) @ weights + 0x8000) >> 16).float()
 
 
 def _border(grey: Tensor) -> Tensor:
@@ -68,13 +84,6 @@ MIN_CONTRAST = 40.0
 
 class EmptyImage(ImageError):
     """No ink stands out from the background: reported, never guessed."""
-
-
-def _dark_ink(grey: Tensor) -> bool:
-    """Whether the ink is darker than the paper: the background is most of the picture, so the ink
-    lies on the side of the median with the longer tail."""
-    low, mid, high = torch.quantile(grey.flatten()[:: max(1, grey.numel() // 65536)], torch.tensor([0.005, 0.5, 0.995]))
-    return bool(mid - low >= high - mid)
 
 
 def _filter(image: Tensor, *filters: Any) -> Tensor:
@@ -99,31 +108,66 @@ def _otsu(values: Tensor) -> float:
     return float(between[:-1].argmax())
 
 
-def ink_of(grey: Tensor, invert: str = "auto") -> Tensor:
-    """A photograph or scan (grey levels, any size) -> the ink's strength, bright on black.
+def _background(pixels: Tensor) -> Tensor:
+    """The paper under the ink: a smooth surface (quadratic in x and y, per channel) fitted to the
+    pixels that are not ink, found by refitting without the pixels far from the last fit.
 
-    The paper's own brightness (a lighting gradient, a shadow) is estimated where there is no
-    ink (a min filter wider than the strokes, then a blur) and taken away; sensor noise is
-    smoothed by a median filter; Otsu's threshold on what is left separates ink from paper.
+    pixels: [H, W, C] -> [H, W, C]. Lighting gradients and vignetting are smooth; ink is not."""
+    height, width, channels = pixels.shape
+    y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    terms = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], dim=-1).double()  # [H, W, 6]
+    stride = max(1, round((height * width / 16384) ** 0.5))  # fit on about 16k pixels
+    a = terms[::stride, ::stride].reshape(-1, terms.shape[-1])
+    b = pixels[::stride, ::stride].reshape(-1, channels).double()
+    keep = torch.ones(len(a), dtype=torch.bool)
+    for _ in range(5):
+        coefficients = torch.linalg.lstsq(a[keep], b[keep]).solution
+        distance = (b - a @ coefficients).norm(dim=1)
+        keep = distance <= 3 * distance[keep].median() + 1.0
+    return (terms @ coefficients).float()
+
+
+def ink_of(image: Tensor, invert: str = "auto") -> Tensor:
+    """A photograph or scan ([H, W] grey or [H, W, C] colour, 0-255, any size) -> the ink's
+    strength, bright on black.
+
+    The paper (with its lighting gradient) is fitted as a smooth surface and taken away; what is
+    left differs from the paper along one colour direction (the ink's colour minus the paper's),
+    in either sense, so ink that is darker than the paper on one side and lighter on the other, or
+    that differs only in hue, still stands out. Sensor noise is smoothed by a median filter;
+    Otsu's threshold on what is left separates ink from paper. `invert` "yes" / "no" keeps only
+    ink darker / lighter than the paper.
     """
     import torch.nn.functional as F  # noqa: N812
+    from PIL import ImageFilter
 
-    height, width = grey.shape
+    if image.dim() == 2:
+        image = image[..., None]
+    height, width = image.shape[:2]
     scale = min(1.0, WORK_SIZE / max(height, width))
     if scale < 1.0:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        grey = F.interpolate(grey[None, None], size=size, mode="area")[0, 0]
-    dark = _dark_ink(grey) if invert == "auto" else invert == "yes"
-    bright = 255.0 - grey if dark else grey  # ink brighter than the paper from here on
-    from PIL import ImageFilter
-
-    side = min(bright.shape)
-    wide = max(3, (side // 12) | 1)  # wider than a stroke: the min filter leaves the paper only
-    background = _filter(bright, ImageFilter.MinFilter(wide), ImageFilter.GaussianBlur(side / 12))
-    ink = _filter((bright - background).clamp(min=0), ImageFilter.MedianFilter(3))
-    peak = torch.quantile(ink.flatten(), 0.999).item()
-    if peak < MIN_CONTRAST:
+        image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="area")[0].permute(1, 2, 0)
+    paper = _background(image)
+    distance = (image - paper).norm(dim=-1)
+    sample = distance.flatten()[:: max(1, distance.numel() // 65536)]
+    noise = sample.median().item()  # most of the picture is paper
+    far = distance > 5 * noise + 1  # ink, and the rare noise that strays so far
+    if far.sum() < 16 or torch.quantile(distance[far], 0.9) < MIN_CONTRAST:
         raise EmptyImage("no digit found: nothing stands out from the background")
+    # Each pixel is paper and ink mixed, image = paper * (1 - a) + ink * a: solve for a, the ink's
+    # coverage, by projecting onto paper - ink. Where the two are alike the projection says little,
+    # so it is damped by the noise there instead of amplifying it.
+    ink_colour = image[far].median(dim=0).values
+    towards = paper - ink_colour
+    coverage = ((paper - image) * towards).sum(-1) / (towards.square().sum(-1) + (3 * noise) ** 2)
+    weights = torch.tensor([0.299, 0.587, 0.114]) if image.shape[-1] == 3 else torch.ones(1)
+    darker = (towards * weights).sum(-1) > 0  # where the ink is darker than the paper
+    if invert != "auto":
+        coverage = torch.where(darker == (invert == "yes"), coverage, torch.zeros_like(coverage))
+    strength = coverage.clamp(0, 1) * 255
+    ink = _filter(strength, ImageFilter.MedianFilter(3))
+    peak = torch.quantile(ink.flatten(), 0.999).item()
     threshold = max(_otsu(ink), peak * 0.25)
     ink = torch.where(ink > threshold, ink, torch.zeros_like(ink))
     # Specks of noise that passed the threshold: an opening (min then max filter) removes them from the mask.
@@ -133,17 +177,18 @@ def ink_of(grey: Tensor, invert: str = "auto") -> Tensor:
     return ink * mask
 
 
-def to_mnist(grey: Tensor, invert: str = "auto") -> Tensor:
-    """Grey levels [H, W] (0-255) -> a 28x28 image in MNIST's format: white ink on black, centred.
+def to_mnist(image: Tensor, invert: str = "auto") -> Tensor:
+    """An image ([H, W] grey or [H, W, 3], 0-255) -> 28x28 in MNIST's format: white ink on black, centred.
 
     `invert`: "auto" decides whether the ink is darker than the paper, "yes" / "no" force it.
     A 28x28 image is taken as a scan in MNIST's own format (only inverted when its border is light).
     """
-    if tuple(grey.shape) == (SIZE, SIZE):  # already the input format: exactly what evaluation sees
+    if tuple(image.shape[:2]) == (SIZE, SIZE):  # already the input format: exactly what evaluation sees
+        grey = luminance(image)
         if invert == "yes" or (invert == "auto" and _border(grey).mean() > 127.5):
             grey = 255.0 - grey
         return grey
-    ink = ink_of(grey, invert)
+    ink = ink_of(image, invert)
     rows = (ink > 0).any(dim=1).nonzero().flatten()
     cols = (ink > 0).any(dim=0).nonzero().flatten()
     ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -182,7 +227,7 @@ def save_input(image: Tensor, folder: str | os.PathLike, source: str | os.PathLi
 def load_image(path: str | os.PathLike, invert: str = "auto") -> Tensor:
     """An image file -> float32 [28, 28] on the 0-255 scale, ready for `trainer.evaluate.model_input`."""
     try:
-        return to_mnist(read_grey(path), invert)
+        return to_mnist(read_image(path), invert)
     except EmptyImage as exc:
         raise EmptyImage(f"{path}: {exc}") from None
 
@@ -211,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--invert",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="make dark-on-light images light-on-dark like MNIST (auto: when the image's border is bright)",
+        help="yes: the ink is darker than the paper; no: it is lighter (chalk on a board); auto: either, in any "
+        "colour, or darker on one side and lighter on the other. A 28x28 image is inverted when yes, or auto and "
+        "its border is bright",
     )
     parser.add_argument("--cpu", action="store_true", help="predict on the CPU even when a GPU is present")
     parser.add_argument(
