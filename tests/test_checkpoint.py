@@ -278,7 +278,7 @@ def test_two_ctrl_c_during_one_long_step_mean_now(tiny_data, tmp_path):
     from conftest import reset_accelerate
 
     from trainer import TrainConfig, Trainer
-    from trainer.engine import _StopSignals
+    from trainer.runtime import StopSignals as _StopSignals
 
     reset_accelerate()
     trainer = Trainer(TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), epochs=1, limit_train_batches=1,
@@ -289,10 +289,10 @@ def test_two_ctrl_c_during_one_long_step_mean_now(tiny_data, tmp_path):
             with pytest.raises(KeyboardInterrupt):
                 signals._handle(signal.SIGINT, None)
         with _StopSignals(trainer) as signals:  # one press: save and stop after the step
-            trainer._stop_signal = None
+            trainer.stop_signal = None
             signals._wakeup[1].send(bytes([signal.SIGINT]))
             signals._handle(signal.SIGINT, None)
-            assert trainer._stop_signal == signal.SIGINT
+            assert trainer.stop_signal == signal.SIGINT
         assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back
     finally:
         trainer.close()

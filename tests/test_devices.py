@@ -67,7 +67,9 @@ def test_rng_states_round_trip_bit_for_bit(tiny_data, tmp_path):
 
     import numpy as np
 
-    from trainer.engine import _floats, _rng_state, _set_rng_state
+    from trainer.state import floats as _floats
+    from trainer.state import rng_state as _rng_state
+    from trainer.state import set_rng_state as _set_rng_state
 
     reset_accelerate()
     trainer = Trainer(config(tiny_data, tmp_path, epochs=1, limit_train_batches=1))  # seeds every generator
@@ -92,7 +94,7 @@ def test_rng_states_round_trip_bit_for_bit(tiny_data, tmp_path):
 
 def scaled_trainer(cfg: TrainConfig) -> Trainer:
     """A Trainer with a loss scaler, as fp16 on a GPU has: accelerate's optimizer and backward use it."""
-    from trainer.engine import make_accelerator
+    from trainer.runtime import make_accelerator
 
     reset_accelerate()
     accelerator = make_accelerator(cfg)
@@ -215,7 +217,7 @@ def test_a_signal_on_one_rank_near_the_epoch_end_stops_both_at_the_same_checkpoi
     original = getattr(engine.Trainer, where)
 
     def signalled(self, *args, **kwargs):
-        if os.environ.get("RANK") == "1" and self.epoch == (0 if where == "evaluate" else 1):
+        if os.environ.get("RANK") == "1" and self.position.epoch == (0 if where == "evaluate" else 1):
             os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to this process only
         return original(self, *args, **kwargs)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import main_in_process, reset_accelerate
+from conftest import reset_accelerate
 from PIL import Image, ImageFilter
 
 from trainer import predict
@@ -16,12 +16,8 @@ N = 10
 
 
 @pytest.fixture(scope="module")
-def mnist_model(real_data, tmp_path_factory):
-    """The default recipe for 3 epochs on real MNIST (about 98.7% on the test split)."""
-    out = tmp_path_factory.mktemp("photos")
-    args = ["--data-dir", str(real_data), "--output-dir", str(out), "--epochs", "3", "--progress", "plain"]
-    assert main_in_process(args) == 0
-    return out / "mnist" / "best"
+def mnist_model(mnist_3_epochs):
+    return mnist_3_epochs / "best"
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def hold_in_epoch_two(patch, release: Path) -> None:
     original = engine.Trainer.train_epoch
 
     def held(self):
-        if self.epoch == 1:
+        if self.position.epoch == 1:
             while not release.exists():
                 time.sleep(0.01)
         return original(self)

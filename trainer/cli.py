@@ -11,7 +11,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig
+from trainer.errors import ConfigError, fail
 
 # Settings of where and how this command runs, never taken from a checkpoint on --resume (the
 # run folder is the checkpoint's own unless --run-name branches off; see parse_config).
@@ -31,6 +32,7 @@ METAVARS = {
     "epochs": "N", "batch_size": "N", "lr": "LR", "momentum": "M", "seed": "N", "limit_train_batches": "N",
     "data_dir": "DIR", "eval_batch_size": "N", "limit_eval_batches": "N", "output_dir": "DIR", "run_name": "NAME",
     "resume": "latest|PATH", "save_every": "N", "keep_last": "K", "log_with": "NAMES", "threads": "N",
+    "model": "NAME|MODULE:FN", "dataset": "NAME|imagefolder:PATH", "image_size": "N|HxW", "num_workers": "N",
 }  # fmt: skip
 
 
@@ -134,40 +136,6 @@ def _checkpoint_state(args: dict[str, Any]) -> dict[str, Any]:
         return state
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise ckpt.CheckpointError(f"{folder / ckpt.STATE_NAME}: unreadable run configuration ({exc})") from None
-
-
-def add_json_flag(parser: argparse.ArgumentParser) -> None:
-    """`--json [PATH]`, the same in every command: no PATH or `-` means stdout (instead of the table)."""
-    parser.add_argument(
-        "--json", nargs="?", const="-", default=None, metavar="PATH",
-        help="also write the results as JSON to PATH; with no PATH (or -), print JSON to stdout instead of the table",
-    )  # fmt: skip
-
-
-def write_json(obj: Any, target: str) -> int:
-    """Writes `obj` as JSON to `target` (`-`: stdout); a failure is one line and exit code 2."""
-    text = json.dumps(obj, indent=1) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return 0
-    try:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(text)
-    except OSError as exc:
-        return fail(f"cannot write --json {target}: {exc.strerror or exc}")
-    return 0
-
-
-def fail(message: str, code: int = 2, everywhere: bool = True) -> int:
-    """One line on stderr and an exit code. With several processes, each process that failed says
-    so, prefixed with its rank (the failure may be its machine's alone); `everywhere=False` keeps
-    the other ranks quiet, for errors every process sees alike."""
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0 or everywhere:
-        prefix = f"[rank {rank}] " if rank else ""
-        print(f"trainer: error: {prefix}{message}", file=sys.stderr, flush=True)
-    return code
 
 
 def die_with_launcher() -> None:

@@ -8,14 +8,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.errors import ConfigError
+
+__all__ = ["ConfigError", "TrainConfig"]
+
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
 PRECISIONS = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_NAMES = ("blog_resnet",)  # trainer.model.MODELS, named here so the CLI needs no torch
-
-
-class ConfigError(ValueError):
-    """A user error in the run's configuration: reported as one line, exit code 2."""
+# The data set of a run whose data was given in Python (Trainer(..., train_data=...)).
+CUSTOM_DATA = "custom"
 
 
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
@@ -38,8 +40,19 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum (used as is only with --no-cycle-momentum)", "recipe")
     cycle_momentum: bool = _opt(True, "let OneCycle cycle momentum 0.95 -> 0.85 -> 0.95 (the blog's)", "recipe")
     seed: int = _opt(12, "seed for weights and the data order of every epoch", "recipe")
-    model: str = _opt("blog_resnet", "network architecture, by name", "recipe", choices=MODEL_NAMES)
-    dataset: str = _opt("mnist", "training data", "recipe", choices=DATASETS)
+    model: str = _opt(
+        "blog_resnet",
+        "network: blog_resnet, or package.module:factory, called as factory(num_classes=..., in_channels=...)",
+        "recipe",
+    )
+    dataset: str = _opt(
+        "mnist",
+        "training data: mnist, fashion-mnist, kmnist, or imagefolder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)",
+        "recipe",
+    )
+    image_size: str | None = _opt(
+        None, "image folders: decode images at N or HxW pixels (default: the first image's size)", "recipe"
+    )
     limit_train_batches: int | None = _opt(
         None, "train on at most N optimizer steps per epoch (the LR schedule is sized to it)", "recipe"
     )
@@ -48,10 +61,15 @@ class TrainConfig:
     data_dir: str = _opt("./data", "folder holding (or receiving) the torchvision data sets", "data")
     eval_batch_size: int = _opt(1024, "evaluation batch size per process", "data")
     limit_eval_batches: int | None = _opt(None, "evaluate on at most N batches per process", "data")
+    num_workers: int | None = _opt(
+        None, "DataLoader workers for a Dataset given in Python (default: 0 on the CPU, up to 4 on a GPU)", "data"
+    )
 
     # --- infrastructure ---
     output_dir: str = _opt("checkpoints", "root folder for run folders", "infra")
-    run_name: str | None = _opt(None, "run folder name under --output-dir (default: the dataset name)", "infra")
+    run_name: str | None = _opt(
+        None, "run folder name under --output-dir (default: the data set's name, or the image folder's)", "infra"
+    )
     mixed_precision: str | None = _opt(
         None, "no, fp16 or bf16 (default: the accelerate config's, else no)", "infra", choices=PRECISIONS
     )
@@ -98,8 +116,16 @@ class TrainConfig:
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.dataset not in (*DATASETS, CUSTOM_DATA) and not self.dataset.startswith("imagefolder:"):
+            raise ConfigError(
+                f"--dataset must be one of {', '.join(DATASETS)} or imagefolder:PATH, got {self.dataset!r}"
+            )
+        if self.dataset == "imagefolder:":
+            raise ConfigError("--dataset imagefolder:PATH needs the folder's PATH")
+        if self.image_size is not None and not re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*)?", self.image_size):
+            raise ConfigError(f"--image-size must be N or HxW (e.g. 32 or 24x32), got {self.image_size!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be at least 0, got {self.num_workers}")
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
         if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
@@ -109,8 +135,10 @@ class TrainConfig:
             )
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.model not in MODEL_NAMES:
-            raise ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+        if self.model not in MODEL_NAMES and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.model):
+            raise ConfigError(
+                f"--model must be {' or '.join(MODEL_NAMES)} or package.module:factory, got {self.model!r}"
+            )
 
     @property
     def trackers(self) -> list[str]:
@@ -121,7 +149,14 @@ class TrainConfig:
     @property
     def name(self) -> str:
         """The run folder's name."""
-        return self.run_name or self.dataset
+        if self.run_name:
+            return self.run_name
+        if self.dataset.startswith("imagefolder:"):
+            return (
+                re.sub(r"[^A-Za-z0-9._-]", "_", self.dataset.split(":", 1)[1].rstrip("/").rsplit("/", 1)[-1])
+                or "images"
+            )
+        return self.dataset
 
     def recipe(self) -> dict[str, Any]:
         """The fields that decide the numbers, for comparing a run with its checkpoint."""

@@ -1,8 +1,11 @@
-"""MNIST-style data as uint8 tensors: decoded from IDX once, fetched a whole batch at a time.
+"""Data sets as tensors, decoded once, fetched a whole batch at a time; or a user's Dataset.
 
-torchvision's dataset classes find (and, online, download) the IDX files; we keep only their
-decoded `data`/`targets` tensors and never build a PIL image. A batch is one fancy-index into
-those tensors. Scaling to [0, 1] happens on the training device, after the uint8 bytes moved.
+MNIST and its siblings come from their IDX files (torchvision finds and, online, downloads
+them; we keep only the decoded tensors and never build a PIL image). An image folder is decoded
+once into uint8 tensors and cached by content. A batch of such tensors is one index op;
+scaling to [0, 1] happens on the training device, after the uint8 bytes moved. Any other
+map-style Dataset goes through a DataLoader with the same seeded order of positions, so the
+exact counts, the (seed, epoch) order and the elastic resume hold for both paths.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError, first_line
 
 # torchvision class name, its folder under --data-dir, and the class names shown to users.
 DATASET_INFO: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -46,8 +50,47 @@ class DataError(ConfigError):
 
 @dataclass(frozen=True)
 class Split:
-    images: Tensor  # uint8 [N, 28, 28]
+    images: Tensor  # [N, H, W] (grey) or [N, C, H, W], uint8; or any float inputs [N, ...]
     labels: Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What a run trains and evaluates on, and what a checkpoint records about it."""
+
+    name: str  # "mnist", "imagefolder:/abs/path" or "custom" (data given in Python)
+    train: Split | Dataset
+    test: Split | Dataset
+    class_names: tuple[str, ...] | None  # None: "0".."C-1", C from the model's output
+    input_shape: tuple[int, ...]  # one input, e.g. (1, 28, 28)
+    normalization: dict[str, float] | None  # for uint8 pixels; None: inputs go to the model as they are
+
+
+def input_shape_of(data: Split | Dataset) -> tuple[int, ...]:
+    """The shape of one input: [1, H, W] for grey uint8 images [N, H, W]."""
+    if isinstance(data, Split):
+        shape = tuple(data.images.shape[1:])
+        return (1, *shape) if data.images.dtype == torch.uint8 and len(shape) == 2 else shape
+    return tuple(torch.as_tensor(data[0][0]).shape)
+
+
+def as_split(data: Dataset) -> Split | Dataset:
+    """A TensorDataset of (inputs, labels) takes the fast path of tensors; any other Dataset stays one."""
+    from torch.utils.data import TensorDataset
+
+    if isinstance(data, Split):
+        return data
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        inputs, labels = data.tensors
+        if labels.dim() == 1 and not labels.is_floating_point():
+            return Split(inputs, labels.to(torch.int64))
+    return data
 
 
 def raw_folder(dataset: str, data_dir: str | os.PathLike) -> Path:
@@ -101,12 +144,6 @@ def _download(dataset: str, data_dir: str | os.PathLike, folder: Path) -> None:
 
 def _missing_message(dataset: str, folder: Path) -> str:
     return f"{dataset} data not found and not downloadable: put the four IDX files ({', '.join(IDX_FILES)}) in {folder}"
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first line, for one-line user errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class TensorImages(Dataset):
@@ -199,8 +236,55 @@ class EpochSampler(Sampler[int]):
         return iter(range(self.start, self.stop))
 
 
-def make_loader(split: Split, batch_size: int, *, train: bool, seed: int, device: torch.device) -> DataLoader:
-    """A DataLoader of whole-tensor batches; training batches are shuffled and drop_last."""
+class PositionedDataset(Dataset):
+    """A user's Dataset read in the order of an `EpochSampler`: position -> sample -> (input, label)."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochSampler) -> None:
+        self.dataset, self.sampler = dataset, sampler
+        self._order: tuple[tuple[int, bool], list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def total_dataset_length(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int]:
+        key = (self.sampler.epoch, self.sampler.shuffle)
+        if self._order is None or self._order[0] != key:  # once per epoch and worker
+            self._order = (key, self.sampler.order().tolist())
+        inputs, label = self.dataset[self._order[1][position]]
+        return inputs, int(label)
+
+
+def make_loader(
+    data: Split | Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int,
+    device: torch.device,
+    num_workers: int | None = None,
+) -> DataLoader:
+    """A DataLoader in the (seed, epoch) order; training batches are shuffled and drop_last.
+
+    Tensors: whole-tensor batches, resident on a GPU. A Dataset: samples collated by torch's
+    default, with worker processes on a GPU machine (`num_workers` None) and pinned memory."""
+    if not isinstance(data, Split):
+        sampler = EpochSampler(len(data), seed, shuffle=train)
+        if num_workers is None:
+            num_workers = 0 if device.type == "cpu" else min(4, max(1, _cores() // _local_processes() - 1))
+        return DataLoader(
+            PositionedDataset(data, sampler),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,  # each epoch's workers start from the sampler's new position
+        )
+    split = data
     if device.type in ("cuda", "mps"):  # 55 MB for all of MNIST: keep it resident, no copies per step
         split = Split(split.images.to(device), split.labels.to(device))
     sampler = EpochSampler(len(split.labels), seed, shuffle=train)
@@ -214,7 +298,168 @@ def make_loader(split: Split, batch_size: int, *, train: bool, seed: int, device
     )
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _local_processes() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def to_model_input(images: Tensor, channels_last: bool = False) -> Tensor:
-    """uint8 [B, 28, 28] -> float [B, 1, 28, 28] scaled to [0, 1], on the images' device."""
-    x = images.unsqueeze(1).to(torch.float32).div_(NORMALIZATION["divide_by"])
+    """What the model sees. uint8 pixels [B, H, W] or [B, C, H, W] -> float [B, C, H, W] scaled to
+    [0, 1], on the images' device; any other inputs as they are."""
+    if images.dtype != torch.uint8:
+        return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
+    x = images.unsqueeze(1) if images.dim() == 3 else images
+    x = x.to(torch.float32).div_(NORMALIZATION["divide_by"])
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ---------------------------------------------------------------- image folders
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
+# Bump when the decoding changes: caches of another version are not reused.
+IMAGE_CACHE_VERSION = "1"
+
+
+def image_folder_path(dataset: str) -> Path | None:
+    """PATH of `imagefolder:PATH`; None for the built-in data sets."""
+    return Path(dataset.split(":", 1)[1]) if dataset.startswith("imagefolder:") else None
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """--image-size: "N" (N x N) or "HxW"."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"--image-size must be N or HxW (e.g. 32 or 24x32), got {text!r}")
+    return size  # type: ignore[return-value]
+
+
+def decode_image(file: str | os.PathLike, grey: bool, size: tuple[int, int]) -> Tensor:
+    """An image file as uint8 [H, W] (grey) or [3, H, W], resized to `size` (H, W) if it differs.
+    Training, evaluate and predict all decode through here, so the model sees the same pixels."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(file) as opened:
+            image = opened.convert("L" if grey else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return pixels if grey else pixels.permute(2, 0, 1).contiguous()
+
+
+def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """ImageFolder's layout: folder/<class>/<image>. The classes are sorted by name (those of the
+    training split when `classes` is given); the images of a class by file name."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{folder}: class folder(s) {', '.join(unknown)} are not in the training split")
+    files = [
+        (f, k)
+        for k, name in enumerate(classes)
+        if (folder / name).is_dir()
+        for f in sorted((folder / name).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+    ]
+    if not classes or not files:
+        raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>.png)")
+    return classes, files
+
+
+def image_folder_splits(root: Path) -> tuple[Path, Path]:
+    """PATH/train and PATH/test (or PATH/val)."""
+    test = root / "test" if (root / "test").is_dir() or not (root / "val").is_dir() else root / "val"
+    if not (root / "train").is_dir() or not test.is_dir():
+        raise DataError(f"{root}: an image folder needs train/<class>/* and test/<class>/* (or val/<class>/*)")
+    return root / "train", test
+
+
+def load_image_folder(
+    root: Path, data_dir: str | os.PathLike, image_size: tuple[int, int] | None, say: Any = print
+) -> tuple[Split, Split, tuple[str, ...]]:
+    """Both splits of an image folder as uint8 tensors: grey when every image is, RGB otherwise, at
+    the first image's size unless `image_size`. Cached in data_dir/imagefolder/, keyed by the files'
+    contents and the size, so the next run (of any name, from any folder) skips the decoding."""
+    import hashlib
+
+    from PIL import Image
+
+    train_dir, test_dir = image_folder_splits(root)
+    classes, train_files = _image_files(train_dir, None)
+    _, test_files = _image_files(test_dir, classes)
+    key = hashlib.sha256(f"{IMAGE_CACHE_VERSION} {image_size} {classes}".encode())
+    for split, files in (("train", train_files), ("test", test_files)):
+        for file, label in files:
+            try:
+                content = file.read_bytes()
+            except OSError as exc:
+                raise DataError(f"cannot read {file}: {exc.strerror or exc}") from None
+            key.update(f"{split}/{label}/{file.name}/{len(content)}:".encode())
+            key.update(hashlib.sha256(content).digest())
+    cache = Path(data_dir) / "imagefolder" / f"{root.name}-{key.hexdigest()[:20]}.safetensors"
+    count = len(train_files) + len(test_files)
+    if cache.is_file():
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(cache)
+            say(f"images: {count} of {root} from the cache {cache}")
+            return (
+                Split(tensors["train_images"], tensors["train_labels"]),
+                Split(tensors["test_images"], tensors["test_labels"]),
+                tuple(classes),
+            )
+        except Exception:  # noqa: BLE001 (a damaged cache is decoded again and replaced)
+            pass
+    grey = True
+    size = image_size
+    for file, _ in (*train_files, *test_files):  # headers only: cheap
+        try:
+            with Image.open(file) as opened:
+                grey = grey and (opened.mode in GREY_MODES or (opened.mode == "P" and _grey_palette(opened)))
+                size = size or (opened.size[1], opened.size[0])
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+    splits = []
+    for files in (train_files, test_files):
+        images = torch.stack([decode_image(f, grey, size) for f, _ in files])
+        splits.append(Split(images, torch.tensor([k for _, k in files], dtype=torch.int64)))
+    _write_cache(cache, splits, root)
+    say(f"images: decoded {count} from {root} ({'grey' if grey else 'RGB'}, {size[0]}x{size[1]}), cached in {cache}")
+    return splits[0], splits[1], tuple(classes)
+
+
+def _grey_palette(image: Any) -> bool:
+    palette = image.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+
+
+def _write_cache(cache: Path, splits: list[Split], root: Path) -> None:
+    """Atomically (a temporary file, then a rename); a cache that cannot be written is only skipped."""
+    from safetensors.torch import save_file
+
+    tensors = {"train_images": splits[0].images, "train_labels": splits[0].labels,
+               "test_images": splits[1].images, "test_labels": splits[1].labels}  # fmt: skip
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"source": str(root)})
+        os.replace(partial, cache)
+    except Exception:  # noqa: BLE001 (safetensors reports a full disk as its own error type)
+        Path(partial).unlink(missing_ok=True) if "partial" in locals() else None

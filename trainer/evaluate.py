@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from trainer import checkpoint as ckpt
 from trainer.config import PRECISIONS, ConfigError, TrainConfig
-from trainer.data import DATASET_INFO, NORMALIZATION, first_line, load_split, make_loader
+from trainer.data import DATASET_INFO, NORMALIZATION, load_split, make_loader
+from trainer.errors import first_line
 from trainer.model import MODELS, build_model
 
 
@@ -121,13 +122,19 @@ def load_model(checkpoint: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model, path, architecture, dataset, class_names, normalization, input_shape, step, epoch)
 
 
-def model_input(pixels: Tensor, normalization: dict[str, float] = NORMALIZATION, channels_last: bool = False) -> Tensor:
-    """Pixel values [B, H, W] (uint8, or floats on the 0-255 scale) -> the float [B, 1, H, W] the model was trained on.
+def model_input(
+    pixels: Tensor, normalization: dict[str, float] | None = NORMALIZATION, channels_last: bool = False
+) -> Tensor:
+    """Pixel values [B, H, W] or [B, C, H, W] (uint8, or floats on the 0-255 scale) -> the float
+    [B, C, H, W] the model was trained on (`normalization` None: inputs that are not pixels, as they are).
 
     With the default normalisation these are the operations of `trainer.data.to_model_input`, so a
     uint8 image gives bit-identical inputs here, in training and in `trainer.predict`.
     """
-    x = pixels.unsqueeze(1).to(torch.float32).div(normalization["divide_by"])  # never in place: may alias `pixels`
+    if normalization is None:  # inputs that are not pixels go to the model as they are
+        return pixels.contiguous(memory_format=torch.channels_last) if channels_last and pixels.dim() == 4 else pixels
+    x = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels
+    x = x.to(torch.float32).div(normalization["divide_by"])  # never in place: may alias `pixels`
     mean, std = normalization.get("mean", 0.0), normalization.get("std", 1.0)
     if mean != 0.0 or std != 1.0:
         x = x.sub_(mean).div_(std)
@@ -141,7 +148,7 @@ def evaluate_model(
     loader: Any,
     num_classes: int,
     channels_last: bool = False,
-    normalization: dict[str, float] = NORMALIZATION,
+    normalization: dict[str, float] | None = NORMALIZATION,
 ) -> EvalResult:
     """Exact counts over everything `loader` yields: every image once, whatever the number of processes.
 
@@ -283,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size per process")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     parser.add_argument("--mixed-precision", choices=PRECISIONS, default=None, help="default: accelerate's config")
-    from trainer.cli import add_json_flag
+    from trainer.errors import add_json_flag
 
     add_json_flag(parser)
     return parser
@@ -291,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluates a checkpoint; returns the exit code (2 for a user error, reported in one line)."""
-    from trainer.cli import fail  # a user error is reported the way the training CLI reports it
+    from trainer.errors import fail
 
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
@@ -303,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trainer.cli import write_json
-    from trainer.engine import make_accelerator
+    from trainer.errors import write_json
+    from trainer.runtime import make_accelerator
 
     acc = make_accelerator(TrainConfig(cpu=args.cpu, mixed_precision=args.mixed_precision))
     launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,10 +1,17 @@
-"""The blog's ResNet-style CNN for 28x28 single-channel images, built by name."""
+"""The networks: the blog's ResNet-style CNN (built by name), or a user's factory (`module:function`)."""
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Callable
 
 from torch import Tensor, nn
+
+from trainer.errors import ConfigError, first_line
+
+# `--model package.module:factory`
+FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -33,10 +40,14 @@ class ResBlock(nn.Module):
         return self.relu(out + x)
 
 
-def blog_resnet(num_classes: int = 10) -> nn.Sequential:
-    """28x28 -> 14 -> 7 -> 4 -> 2 -> 1: the last stride-2 block emits the logits."""
-    return nn.Sequential(
-        conv_bn_relu(1, 8),
+def blog_resnet(num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)) -> nn.Sequential:
+    """28x28 -> 14 -> 7 -> 4 -> 2 -> 1: the last stride-2 block emits the logits.
+
+    Other channel counts change the first convolution only. Images that five halvings do not bring
+    to 1x1 (larger than 32 pixels a side) end in a global average pool; for MNIST's 28x28 the
+    network is exactly the blog's."""
+    layers = [
+        conv_bn_relu(in_channels, 8),
         ResBlock(8),
         conv_bn_relu(8, 16),
         ResBlock(16),
@@ -44,13 +55,46 @@ def blog_resnet(num_classes: int = 10) -> nn.Sequential:
         ResBlock(32),
         conv_bn_relu(32, 16),
         conv_bn_relu(16, num_classes),
-        nn.Flatten(),
-    )
+    ]
+    height, width = image_size
+    for _ in range(5):
+        height, width = (height + 1) // 2, (width + 1) // 2
+    if (height, width) != (1, 1):
+        layers.append(nn.AdaptiveAvgPool2d(1))
+    return nn.Sequential(*layers, nn.Flatten())
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"blog_resnet": blog_resnet}
 
 
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """Builds a registered architecture by name."""
-    return MODELS[name](num_classes=num_classes)
+def import_factory(spec: str) -> Callable[..., nn.Module]:
+    """`package.module:attribute` -> the callable. Only ever called with a spec the user typed."""
+    if not FACTORY_PATTERN.fullmatch(spec):
+        raise ConfigError(f"--model must be {' or '.join(MODELS)} or package.module:factory, got {spec!r}")
+    module_name, attribute = spec.split(":")
+    try:
+        target = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--model {spec}: cannot import it ({first_line(exc)})") from None
+    if not callable(target):
+        raise ConfigError(f"--model {spec}: {attribute} is not callable")
+    return target
+
+
+def build_model(
+    name: str, num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)
+) -> nn.Module:
+    """A built-in architecture by name, or `factory(num_classes=..., in_channels=...)` of a
+    `module:factory` spec."""
+    if name in MODELS:
+        return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    factory = import_factory(name)
+    try:
+        model = factory(num_classes=num_classes, in_channels=in_channels)
+    except TypeError as exc:
+        raise ConfigError(f"--model {name}: must accept num_classes= and in_channels= ({first_line(exc)})") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.cli import fail
+from trainer.errors import fail
 
 METRICS_NAME = "metrics.jsonl"  # as trainer.engine writes them; repeated here to keep torch out
 CURVES_NAME = "curves.jsonl"

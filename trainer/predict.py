@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.checkpoint import CheckpointError
-from trainer.data import first_line
+from trainer.errors import first_line
 
 # MNIST's recipe: the digit fits in a BOX x BOX square, centred by mass in the SIZE x SIZE image.
 SIZE, BOX = 28, 20
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-inputs", metavar="DIR", default=None,
         help="also write the 28x28 image the model sees for each input, as DIR/<name>.png (to see what went wrong)",
     )  # fmt: skip
-    from trainer.cli import add_json_flag
+    from trainer.errors import add_json_flag
 
     add_json_flag(parser)
     return parser
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Predicts every readable image; returns 2 if any image or the checkpoint could not be read."""
-    from trainer.cli import fail
+    from trainer.errors import fail
     from trainer.evaluate import load_model
 
     args = build_parser().parse_args(argv)
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, ps, ks in zip(paths, top_p.tolist(), top_i.tolist()):
             top = [{"class": c, "name": loaded.class_names[c], "probability": p} for p, c in zip(ps, ks)]
             results.append({"image": str(path), **top[0], "top_k": top})
-    from trainer.cli import write_json
+    from trainer.errors import write_json
 
     if results and args.json != "-":
         _print_table(results, args.top_k > 1, loaded.class_names)

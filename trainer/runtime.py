@@ -1,5 +1,6 @@
-"""Processes that agree: a failure on one process (one machine) stops all of them at once.
+"""The processes a run lives in: the Accelerator, devices, threads, signals and the launcher.
 
+Processes that agree: a failure on one process (one machine) stops all of them at once.
 Without this, a process that hits a user error (data missing on its machine, a checkpoint its
 machine cannot see) exits, while the others wait in the next collective until the process
 group's timeout, many minutes later, with nothing on their screen. Here every process takes
@@ -13,8 +14,9 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, TrainConfig
 
 # torch (and the checkpoint module, which needs it) are imported where used: the CLI asks
 # launcher_argv() before its slow imports.
@@ -170,7 +172,7 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
     import torch
 
     from trainer import checkpoint as ckpt
-    from trainer.data import first_line
+    from trainer.errors import first_line
 
     if world_size() == 1 or _state().num_processes == 1:
         return resolve_checkpoint(resume, run_dir, warn)
@@ -205,3 +207,150 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
             )
     agree(error, f"read checkpoint {ckpt.step_dir_name(choice[0])}; {SHARED_STORAGE}")
     return chosen
+
+
+# ---------------------------------------------------------------- the accelerator
+def make_accelerator(config: TrainConfig) -> Any:
+    """The one Accelerator: devices, processes and precision come from it (and accelerate's config)."""
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    kwargs: dict[str, Any] = {}
+    if config.mixed_precision is not None:
+        kwargs["mixed_precision"] = config.mixed_precision
+    device_is_cpu = config.cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if device_is_cpu or not (torch.cuda.is_available() or mps_available()):
+        precision = kwargs.get("mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        if precision == "fp16":
+            raise ConfigError("fp16 mixed precision needs a GPU; on the CPU use --mixed-precision bf16 or no")
+    if config.compile:
+        from accelerate.utils import TorchDynamoPlugin
+
+        cuda = torch.cuda.is_available() and not device_is_cpu
+        mode = config.compile_mode or ("reduce-overhead" if cuda else "default")
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=mode)
+    if config.trackers:
+        from accelerate.utils import ProjectConfiguration
+
+        run_dir = Path(config.output_dir) / config.name
+        from trainer.runlog import check_trackers
+
+        kwargs["log_with"] = check_trackers(config.trackers)
+        kwargs["project_config"] = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers"))
+    try:
+        return Accelerator(
+            cpu=config.cpu,
+            # Our sampler derives each epoch's order from (seed, epoch): no RNG needs syncing per epoch.
+            rng_types=[],
+            dataloader_config=DataLoaderConfiguration(even_batches=True),
+            **kwargs,
+        )
+    except ValueError as exc:  # accelerate's own refusal of a precision/device pair
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+
+
+def mps_available() -> bool:
+    import torch
+
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+# ---------------------------------------------------------------- signals and the launcher
+class StopSignals:
+    """SIGINT/SIGTERM ask the trainer to save and stop after the current step; a second Ctrl-C stops at once.
+
+    Python runs a signal's handler only between bytecodes, so two Ctrl-Cs during one long step
+    (a backward pass in C++) reach `_handle` once. The C-level handler still writes one byte per
+    signal to the wakeup fd, so counting those bytes tells a double press from a single one.
+    """
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner  # has request_stop(signum), stop_signal (None until one came), report.warn(text)
+        self.previous: dict[int, Any] = {}
+        self._wakeup: tuple[Any, Any] | None = None
+        self._previous_fd = -1
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import socket
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        return self
+
+    def _presses(self) -> int:
+        import signal
+
+        """SIGINTs delivered since the last look (each wrote its number to the wakeup socket)."""
+        if self._wakeup is None:
+            return 0
+        count = 0
+        try:
+            while data := self._wakeup[0].recv(4096):
+                count += data.count(bytes([signal.SIGINT]))
+        except (BlockingIOError, OSError):
+            pass
+        return count
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        double = signum == signal.SIGINT and self._presses() >= 2  # both pressed during one long step
+        if self.owner.stop_signal is not None or double:
+            # Only a second Ctrl-C means "now". A SIGTERM after a Ctrl-C is usually the launcher
+            # dying from the same Ctrl-C (see cli.die_with_launcher): the save must go on.
+            if signum == signal.SIGINT:
+                signal.signal(signum, signal.SIG_DFL)
+                raise KeyboardInterrupt
+            return
+        self.owner.request_stop(signum)
+        self.owner.report.warn(
+            f"{signal.Signals(signum).name} received: saving a checkpoint after this step "
+            "(press Ctrl-C again to stop at once)"
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        signal.set_wakeup_fd(self._previous_fd)
+        if self._wakeup is not None:
+            for end in self._wakeup:
+                end.close()
+            self._wakeup = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_command(args: list[str] | None = None) -> str:
+    """The command line that continues this run (the launcher is named when we know it)."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if args is None else args)
+    cleaned, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg.startswith("--resume="):
+            continue
+        cleaned.append(arg)
+    cleaned += ["--resume", "latest"]
+    launcher = launcher_argv()
+    if launcher is not None:  # the launcher as it was started: its config file sets the precision again
+        return shlex.join([*launcher, "-m", "trainer", *cleaned])
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1"), "-m", "trainer"]
+    elif any(k.startswith("ACCELERATE_") for k in os.environ):
+        launcher = ["accelerate", "launch", "-m", "trainer"]
+    else:
+        launcher = ["python", "-m", "trainer"]
+    return shlex.join(launcher + cleaned)

@@ -1,0 +1,58 @@
+"""User errors and how every command reports them: one line on stderr, exit code 2.
+
+A bug still gets its traceback; what a user can fix (a flag, missing data, a broken
+checkpoint) is a `ConfigError` or a `CheckpointError` and is reported by `fail`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user error in the run's configuration or data: reported as one line, exit code 2."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for one-line user errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def fail(message: str, code: int = 2, everywhere: bool = True) -> int:
+    """One line on stderr and an exit code. With several processes, each process that failed says
+    so, prefixed with its rank (the failure may be its machine's alone); `everywhere=False` keeps
+    the other ranks quiet, for errors every process sees alike."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or everywhere:
+        prefix = f"[rank {rank}] " if rank else ""
+        print(f"trainer: error: {prefix}{message}", file=sys.stderr, flush=True)
+    return code
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """`--json [PATH]`, the same in every command: no PATH or `-` means stdout (instead of the table)."""
+    parser.add_argument(
+        "--json", nargs="?", const="-", default=None, metavar="PATH",
+        help="also write the results as JSON to PATH; with no PATH (or -), print JSON to stdout instead of the table",
+    )  # fmt: skip
+
+
+def write_json(obj: Any, target: str) -> int:
+    """Writes `obj` as JSON to `target` (`-`: stdout); a failure is one line and exit code 2."""
+    text = json.dumps(obj, indent=1) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return 0
+    try:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+    except OSError as exc:
+        return fail(f"cannot write --json {target}: {exc.strerror or exc}")
+    return 0

@@ -1,0 +1,89 @@
+"""A run's logs: metrics.jsonl (one line per epoch), curves.jsonl (per-step loss and LR) and the
+experiment trackers accelerate talks to (--log-with).
+
+The two files are the run's history so far, each replaced whole at every epoch's end: a full
+disk leaves the previous file, never half a line, and after a resume the lines of a lost future
+are gone. Only the main process writes; every process learns whether it worked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer import checkpoint as ckpt
+from trainer import runtime
+from trainer.config import ConfigError, TrainConfig
+
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.jsonl"
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """--log-with names that accelerate knows and whose package is installed; else a ConfigError.
+    accelerate itself would skip a missing tracker with a debug-level message only."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if "all" in names:
+        return ["all"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            known = ", ".join(sorted(LOGGER_TYPE_TO_CLASS))
+            raise ConfigError(f"--log-with: unknown tracker {name!r}; accelerate knows {known}, all")
+        if name in LoggerType.list() and name not in available:
+            raise ConfigError(f"--log-with {name}: the {name} package is not installed (pip install {name})")
+    return names
+
+
+class RunLog:
+    """metrics.jsonl, curves.jsonl and the trackers of one run folder."""
+
+    def __init__(self, accelerator: Any, run_dir: Path) -> None:
+        self.accelerator, self.run_dir = accelerator, run_dir
+        self.history: list[dict[str, Any]] = []  # one record per finished epoch
+        self.curves: list[dict[str, Any]] = []  # per epoch: the loss and LR of every step
+
+    def start_trackers(self, config: TrainConfig) -> None:
+        if self.accelerator.log_with:
+            settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                        for k, v in config.to_dict().items() if v is not None}  # fmt: skip
+            self.accelerator.init_trackers(config.name, config=settings)
+
+    def finish_trackers(self) -> None:
+        # Not accelerator.end_training(): it also destroys the process group, which the caller may still use.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
+
+    def add_epoch(self, record: dict[str, Any], curve: dict[str, Any]) -> None:
+        """Appends the epoch, rewrites both files, and logs it to the trackers."""
+        self.history.append(record)
+        self.curves.append({"epoch": record["epoch"], "last_step": record["step"], **curve})
+        self.write()
+        self._log_to_trackers(record, curve)
+
+    def _log_to_trackers(self, record: dict[str, Any], curve: dict[str, Any]) -> None:
+        """--log-with: the per-step loss and LR, then the epoch's metrics, at their optimizer steps."""
+        acc = self.accelerator
+        if not acc.log_with:
+            return
+        first = record["step"] - len(curve["lr"]) + 1
+        for i, (loss, lr) in enumerate(zip(curve["loss"], curve["lr"])):
+            acc.log({"train/step_loss": loss, "train/lr": lr}, step=first + i)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        acc.log({f"epoch/{k}": v for k, v in scalars.items()} | {"epoch": record["epoch"]}, step=record["step"])
+
+    def write(self) -> None:
+        """Both files as the history so far, each replaced whole (every process takes part)."""
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                for name, rows in ((METRICS_NAME, self.history), (CURVES_NAME, self.curves)):
+                    ckpt.write_lines_atomic(self.run_dir / name, rows)
+            except OSError as exc:
+                error = ckpt.SaveError(ckpt.describe_write_error(exc, "the run's logs", self.run_dir))
+            except Exception as exc:  # a bug: its traceback, after the other processes were told
+                error = exc
+        runtime.agree(error, "write the run's logs")

@@ -1,0 +1,246 @@
+"""What a run's state is, and how it goes to and from a checkpoint's contents.
+
+A run is its weights, the optimizer (SGD's momentum buffers), the OneCycle schedule, fp16's loss
+scaler, every process's random generators, and its position: the step, the epoch and the sample
+inside it where the next step begins, with the finished part of an interrupted epoch. Tensors go
+to safetensors files; everything else is JSON in state.json. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, TrainConfig
+
+# Recipe fields a checkpoint must agree on with the run that resumes it.
+RECIPE_CHECKED = (
+    "model", "dataset", "image_size", "epochs", "batch_size", "lr", "momentum", "cycle_momentum", "seed",
+    "limit_train_batches",
+)  # fmt: skip
+
+
+@dataclass
+class Position:
+    """Where a run is: the next optimizer step, the next epoch (0-based) and the sample inside it.
+
+    Mid-epoch, the finished part of the epoch is kept too, so that the epoch's metrics, when it
+    ends, count every step once: `stats` holds this process's per-step (loss, correct) on the
+    device; `carry` / `carry_curve` hold what a checkpoint of another world size had done.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0
+    stats: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
+    stats_filled: int = 0
+    carry: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
+    carry_curve: list[float] = field(default_factory=list)
+    epoch_lrs: list[float] = field(default_factory=list)  # the LR of each step of this epoch so far
+    epoch_time_before: float = 0.0  # seconds of this epoch spent before the last resume or save
+
+    def new_epoch(self, steps: int, device: torch.device) -> None:
+        self.stats = torch.zeros(steps, 2, device=device)
+        self.stats_filled, self.epoch_lrs, self.epoch_time_before = 0, [], 0.0
+
+
+@dataclass
+class Parts:
+    """The live objects a checkpoint is taken from and restored into."""
+
+    model: torch.nn.Module  # the plain module: no DDP or torch.compile wrapper
+    optimizer: torch.optim.Optimizer  # the one accelerate wraps
+    scheduler: Any  # torch's OneCycleLR, the one accelerate wraps
+    scaler: Any  # fp16's GradScaler, or None
+
+
+def contents(
+    parts: Parts,
+    position: Position,
+    config: TrainConfig,
+    metadata: dict[str, str],
+    rng: dict[str, Tensor],
+    progress: dict[str, Tensor],
+    extra: dict[str, Any],
+) -> ckpt.CheckpointContents:
+    """A checkpoint's contents. `rng` holds every process's generators (gathered, [N, ...]);
+    `progress` the interrupted epoch's per-step stats of every process, when mid-epoch."""
+    from trainer import __version__
+
+    opt_state = parts.optimizer.state_dict()
+    optimizer_tensors = {
+        f"state.{pid}.{name}": value
+        for pid, entry in opt_state["state"].items()
+        for name, value in entry.items()
+        if isinstance(value, Tensor)
+    }
+    mid_epoch = position.samples_in_epoch > 0
+    state = {
+        "format_version": ckpt.FORMAT_VERSION,
+        "trainer_version": __version__,
+        "step": position.step,
+        "epoch": position.epoch,
+        "samples_in_epoch": position.samples_in_epoch,
+        "data_order": {"seed": config.seed, "rule": "randperm(n, seed * 1000003 + epoch)"},
+        "config": config.to_dict(),
+        "scheduler": jsonable(parts.scheduler.state_dict()),
+        "optimizer_param_groups": opt_state["param_groups"],
+        "optimizer_other_state": {
+            str(pid): {k: v for k, v in entry.items() if not isinstance(v, Tensor)}
+            for pid, entry in opt_state["state"].items()
+        },
+        "epoch_lrs": position.epoch_lrs if mid_epoch else [],
+        "epoch_loss_curve": (
+            position.carry_curve + progress["epoch_stats"][:, :, 0].mean(dim=0).tolist() if mid_epoch else []
+        ),
+        "epoch_time_before_s": position.epoch_time_before if mid_epoch else 0.0,
+        # fp16's loss scale and its growth tracker (plain numbers): a resumed fp16 run scales as the unbroken one.
+        "grad_scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+        **extra,  # world_size, mixed_precision, history, curves
+    }
+    return ckpt.CheckpointContents(parts.model.state_dict(), metadata, optimizer_tensors, rng, progress, state)
+
+
+def check_recipe(folder: Path, saved: dict[str, Any], config: TrainConfig) -> None:
+    """A resumed run keeps its recipe: every recipe field must match the checkpoint's."""
+    defaults = TrainConfig()
+    for name in RECIPE_CHECKED:
+        then, now = saved.get(name, getattr(defaults, name)), getattr(config, name)
+        if then != now:
+            raise ConfigError(
+                f"checkpoint {folder} was trained with {name}={then!r}, this run has {name}={now!r}; "
+                "a resumed run keeps its recipe"
+            )
+
+
+def restore(folder: Path, loaded: ckpt.CheckpointContents, parts: Parts, rank: int) -> Position:
+    """Loads weights, optimizer, schedule, scaler and this process's generators; returns the position.
+    (A checkpoint of another world size gives process `rank` the generators of `rank % saved`.)"""
+    state = loaded.state
+    try:
+        parts.model.load_state_dict(loaded.model)
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(
+            f"{folder / ckpt.MODEL_NAME} does not fit the model: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    opt_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_param_groups"]}
+    for pid, extra in state["optimizer_other_state"].items():
+        opt_state["state"][int(pid)] = dict(extra)
+    for key, value in loaded.optimizer.items():
+        _, pid, name = key.split(".", 2)
+        opt_state["state"].setdefault(int(pid), {})[name] = value
+    parts.optimizer.load_state_dict(opt_state)
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if parts.scaler is not None and state.get("grad_scaler"):
+        parts.scaler.load_state_dict(state["grad_scaler"])
+    set_rng_state({k: v[rank % v.shape[0]] for k, v in loaded.rng.items()})
+    return Position(
+        step=state["step"],
+        epoch=state["epoch"],
+        samples_in_epoch=state["samples_in_epoch"],
+        epoch_lrs=list(state["epoch_lrs"]),
+        epoch_time_before=state["epoch_time_before_s"],
+    )
+
+
+def restore_epoch_stats(
+    position: Position, loaded: ckpt.CheckpointContents, steps_per_epoch: int, world: int, rank: int, device: Any
+) -> None:
+    """Mid-epoch: the finished part of the epoch. On the same world size each process takes its own
+    per-step stats back; on another one the part is kept aside whole (`carry`), in the same units."""
+    if not position.samples_in_epoch:
+        return
+    stats = loaded.progress["epoch_stats"]  # [saved world, steps done, 2]
+    carry = loaded.progress["epoch_carry"].to(torch.float32)  # older checkpoints: float64
+    position.stats = torch.zeros(steps_per_epoch, 2, device=device)
+    position.stats_filled = 0
+    if loaded.state["world_size"] == world and carry.numel() == 0:
+        position.stats[: stats.shape[1]] = stats[rank].to(device)
+        position.stats_filled = stats.shape[1]
+    else:
+        position.carry = torch.cat([carry, stats.reshape(-1, 2)])
+        position.carry_curve = list(loaded.state["epoch_loss_curve"])
+
+
+def new_onecycle(optimizer: torch.optim.Optimizer, config: TrainConfig, total_units: int) -> Any:
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=max(total_units, 2), cycle_momentum=config.cycle_momentum
+    )
+
+
+def rescaled_onecycle(old: Any, optimizer: torch.optim.Optimizer, config: TrainConfig, units_left: int) -> Any:
+    """Another world size: the units done are kept, the rest is sized to what remains now."""
+    done_units = old.last_epoch
+    fresh = new_onecycle(optimizer, config, done_units + units_left)
+    fresh.last_epoch = done_units - 1
+    fresh._step_count = done_units
+    fresh.step()  # sets the optimizer's LR (and momentum) for position `done_units`
+    return fresh
+
+
+def jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint's JSON")
+
+
+def rng_state() -> dict[str, Tensor]:
+    """This process's random generators as fixed-size int64 tensors, to be gathered on the training
+    device: uint8 states by value (gloo's uint8 gather returned invalid rows for process 1 here),
+    Python's and numpy's float parts by their bits (MPS has no float64)."""
+    version, mt, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state().to(torch.int64),
+        "python_mt": torch.tensor(mt, dtype=torch.int64),
+        "python_gauss_bits": float_bits([float("nan") if gauss is None else gauss]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().to(torch.int64)
+    try:
+        import numpy as np
+
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
+        state["numpy_rest_bits"] = float_bits([pos, has_gauss, cached])
+    except ImportError:
+        pass
+    return state
+
+
+def float_bits(values: list[float]) -> Tensor:
+    """Doubles as the int64 tensor of their IEEE-754 bits (exact, and no float64 tensor anywhere)."""
+    return torch.tensor(struct.unpack(f"<{len(values)}q", struct.pack(f"<{len(values)}d", *values)))
+
+
+def floats(state: dict[str, Tensor], name: str) -> list[float]:
+    """Undoes `float_bits` (`name`_bits); checkpoints of format 1 hold `name` as float64."""
+    if name in state:
+        return state[name].tolist()
+    bits = state[f"{name}_bits"].tolist()
+    return list(struct.unpack(f"<{len(bits)}d", struct.pack(f"<{len(bits)}q", *bits)))
+
+
+def set_rng_state(state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["torch"].to(torch.uint8).clone())  # a row view: torch reads its storage
+    (gauss,) = floats(state, "python_gauss")
+    random.setstate((3, tuple(int(v) for v in state["python_mt"].tolist()), None if gauss != gauss else gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).clone())
+    if "numpy_keys" in state:
+        import numpy as np
+
+        pos, has_gauss, cached = floats(state, "numpy_rest")
+        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), int(pos), int(has_gauss), cached))
