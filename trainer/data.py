@@ -236,11 +236,29 @@ class EpochSampler(Sampler[int]):
         return iter(range(self.start, self.stop))
 
 
+def check_labels(data: Split | Dataset, classes: int, split: str) -> bool:
+    """Every label is a class of the model. Checked here, up front, where the labels can be read
+    without the inputs (tensors; a Dataset's `targets` or `labels`): True. Else False, and the
+    loader's `PositionedDataset` checks each sample as it reads it."""
+    labels = data.labels if isinstance(data, Split) else getattr(data, "targets", getattr(data, "labels", None))
+    try:
+        labels = torch.as_tensor(labels) if labels is not None and len(labels) == len(data) else None
+    except (TypeError, ValueError, RuntimeError):
+        labels = None
+    if labels is None or labels.is_floating_point() or labels.dim() != 1:
+        return False
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DataError(f"the {split} data has the label {bad}, outside the model's {classes} classes 0..{classes - 1}")
+    return True
+
+
 class PositionedDataset(Dataset):
     """A user's Dataset read in the order of an `EpochSampler`: position -> sample -> (input, label)."""
 
     def __init__(self, dataset: Dataset, sampler: EpochSampler) -> None:
         self.dataset, self.sampler = dataset, sampler
+        self.num_classes: int | None = None  # set when the labels must be checked sample by sample
         self._order: tuple[tuple[int, bool], list[int]] | None = None
 
     def __len__(self) -> int:
@@ -254,7 +272,12 @@ class PositionedDataset(Dataset):
         key = (self.sampler.epoch, self.sampler.shuffle)
         if self._order is None or self._order[0] != key:  # once per epoch and worker
             self._order = (key, self.sampler.order().tolist())
-        inputs, label = self.dataset[self._order[1][position]]
+        index = self._order[1][position]
+        inputs, label = self.dataset[index]
+        if self.num_classes is not None and not 0 <= int(label) < self.num_classes:
+            raise DataError(
+                f"sample {index} has the label {int(label)}, outside the model's {self.num_classes} classes"
+            )
         return inputs, int(label)
 
 
@@ -427,13 +450,11 @@ def load_image_folder(
             )
         except Exception:  # noqa: BLE001 (a damaged cache is decoded again and replaced)
             pass
-    grey = True
-    size = image_size
+    grey, size = True, image_size or _size_of(train_files[0][0])
     for file, _ in (*train_files, *test_files):  # headers only: cheap
         try:
             with Image.open(file) as opened:
-                grey = grey and (opened.mode in GREY_MODES or (opened.mode == "P" and _grey_palette(opened)))
-                size = size or (opened.size[1], opened.size[0])
+                grey = grey and (opened.mode in GREY_MODES or (opened.mode == "P" and grey_palette(opened)))
         except (OSError, ValueError) as exc:
             raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
     splits = []
@@ -445,7 +466,18 @@ def load_image_folder(
     return splits[0], splits[1], tuple(classes)
 
 
-def _grey_palette(image: Any) -> bool:
+def _size_of(file: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as opened:
+            return opened.size[1], opened.size[0]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+
+
+def grey_palette(image: Any) -> bool:
+    """Whether a palette image ("P") holds only greys."""
     palette = image.getpalette() or []
     return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 

@@ -33,6 +33,7 @@ from trainer.data import (
     NORMALIZATION,
     DataSource,
     as_split,
+    check_labels,
     image_folder_path,
     input_shape_of,
     load_image_folder,
@@ -42,7 +43,7 @@ from trainer.data import (
     to_model_input,
 )
 from trainer.evaluate import EvalResult, evaluate_model
-from trainer.model import build_model
+from trainer.model import MODELS, build_model
 from trainer.runlog import RunLog
 
 # With several processes, a stop request is agreed on (one tiny all-reduce) every this many steps.
@@ -190,14 +191,18 @@ class Trainer:
     def _setup_model(self, model: nn.Module | None, class_names: Any) -> None:
         cfg, shape = self.config, self.data.input_shape
         names = self.data.class_names or (tuple(str(n) for n in class_names) if class_names is not None else None)
+        # --model package:factory builds it (and evaluate / predict rebuild it only when told so again).
+        self.factory = cfg.model if model is None and cfg.model not in MODELS else None
         if model is None:
             if names is None:
                 raise ConfigError("with data given in Python, pass model= too, or class_names= for the default network")
             image = tuple(shape[1:]) if len(shape) == 3 else (28, 28)
             model = build_model(cfg.model, num_classes=len(names), in_channels=shape[0], image_size=image)
-            self.architecture = cfg.model
+            builtin = self.factory is None
         else:
-            self.architecture = f"{type(model).__module__}:{type(model).__qualname__}"
+            builtin = False
+        # What the checkpoint says the model is: a built-in name, else its class (module:qualname).
+        self.architecture = cfg.model if builtin else f"{type(model).__module__}:{type(model).__qualname__}"
         if self.data.class_names is None:  # data given in Python: the model says how many classes
             classes = self._probe_classes(model)
             names = names or tuple(str(k) for k in range(classes))
@@ -205,6 +210,10 @@ class Trainer:
                 raise ConfigError(f"{len(names)} class_names for a model with {classes} outputs")
             self.data = dataclasses.replace(self.data, class_names=names)
         self.class_names = self.data.class_names
+        for split, data, loader in (("training", self.data.train, self.train_loader),
+                                    ("evaluation", self.data.test, self.eval_loader)):  # fmt: skip
+            if not check_labels(data, len(self.class_names), split) and hasattr(loader.dataset, "num_classes"):
+                loader.dataset.num_classes = len(self.class_names)
         self.model = model
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -537,6 +546,7 @@ class Trainer:
             "format": "pt",
             "trainer_version": __version__,
             "architecture": self.architecture,
+            **({"factory": self.factory} if self.factory else {}),
             "dataset": self.data.name,
             "num_classes": str(len(self.class_names)),
             "class_names": json.dumps(self.class_names),

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer import checkpoint as ckpt
-from trainer.config import PRECISIONS, ConfigError, TrainConfig
-from trainer.data import DATASET_INFO, NORMALIZATION, load_split, make_loader
+from trainer.config import CUSTOM_DATA, PRECISIONS, ConfigError, TrainConfig
+from trainer.data import DATASET_INFO, NORMALIZATION, input_shape_of, load_split, make_loader
 from trainer.errors import first_line
 from trainer.model import MODELS, build_model
 
@@ -51,7 +51,7 @@ class LoadedModel:
     architecture: str
     dataset: str
     class_names: tuple[str, ...]
-    normalization: dict[str, float]
+    normalization: dict[str, float] | None  # None: the inputs are not pixels
     input_shape: tuple[int, ...]  # [channels, height, width]
     step: int | None
     epoch: int | None
@@ -79,8 +79,12 @@ def model_file(checkpoint: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(checkpoint: str | os.PathLike) -> LoadedModel:
-    """Rebuilds the checkpoint's model (on the CPU, in eval mode) from its safetensors file and metadata."""
+def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> LoadedModel:
+    """Rebuilds the checkpoint's model (on the CPU, in eval mode) from its safetensors file and metadata.
+
+    A built-in architecture is rebuilt by name. Any other model is rebuilt only from `model_spec`
+    (`--model package.module:factory`), which the user typed: code is never imported because a
+    checkpoint names it."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -92,34 +96,72 @@ def load_model(checkpoint: str | os.PathLike) -> LoadedModel:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ckpt.CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
     architecture, dataset = meta.get("architecture"), meta.get("dataset")
-    if architecture not in MODELS:
-        raise ckpt.CheckpointError(f"{path}: unknown architecture {architecture!r} (known: {', '.join(MODELS)})")
-    if dataset not in DATASET_INFO:
+    if model_spec is None and architecture not in MODELS:
+        if not architecture or ":" not in architecture:
+            raise ckpt.CheckpointError(f"{path}: unknown architecture {architecture!r} (known: {', '.join(MODELS)})")
+        raise ConfigError(
+            f"{path} holds a {architecture} model, which is not built in: pass --model package.module:factory "
+            "to rebuild it (code is never imported because a checkpoint names it)"
+        )
+    if dataset not in DATASET_INFO and not str(dataset).startswith("imagefolder:") and dataset != CUSTOM_DATA:
         raise ckpt.CheckpointError(f"{path}: unknown data set {dataset!r} (known: {', '.join(DATASET_INFO)})")
     try:
         names = tuple(str(n) for n in json.loads(meta["class_names"])) if "class_names" in meta else None
         class_names = names or DATASET_INFO[dataset][1]
         saved = json.loads(meta.get("normalization", "{}"))
-        normalization = {**NORMALIZATION, **{k: float(v) for k, v in saved.items()}}
+        normalization = {**NORMALIZATION, **{k: float(v) for k, v in saved.items()}} if saved else None
+        if dataset in DATASET_INFO:
+            normalization = normalization or NORMALIZATION  # checkpoints before the normalisation was recorded
         input_shape = tuple(int(d) for d in json.loads(meta.get("input_shape", "[1, 28, 28]")))
         num_classes = int(meta.get("num_classes", len(class_names)))
         step = int(meta["step"]) if meta.get("step") else None
         epoch = int(meta["epoch"]) if meta.get("epoch") else None
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise ckpt.CheckpointError(f"{path}: unreadable metadata ({first_line(exc)})") from None
     if len(class_names) != num_classes:
         raise ckpt.CheckpointError(f"{path}: {len(class_names)} class names for {num_classes} classes")
-    if normalization["divide_by"] <= 0 or normalization["std"] <= 0:
+    if normalization is not None and (normalization["divide_by"] <= 0 or normalization["std"] <= 0):
         raise ckpt.CheckpointError(f"{path}: invalid normalization {normalization}")
-    model = build_model(architecture, num_classes=num_classes)
+    image = tuple(input_shape[1:]) if len(input_shape) == 3 else (28, 28)
+    model = build_model(model_spec or architecture, num_classes, in_channels=input_shape[0], image_size=image)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ckpt.CheckpointError(
-            f"{path} does not fit a {architecture} with {num_classes} classes: {first_line(exc)}"
+            f"{path} does not fit a {model_spec or architecture} with {num_classes} classes: {first_line(exc)}"
         ) from None
     model.eval()
     return LoadedModel(model, path, architecture, dataset, class_names, normalization, input_shape, step, epoch)
+
+
+def recorded_config(loaded: LoadedModel) -> dict[str, Any]:
+    """The settings of the run that wrote the checkpoint (state.json beside model.safetensors), if any."""
+    try:
+        config = json.loads((loaded.path.parent / ckpt.STATE_NAME).read_text())["config"]
+        return config if isinstance(config, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def load_test_split(loaded: LoadedModel, data_dir: str | None) -> Any:
+    """The test split the checkpoint's model was evaluated on in training."""
+    from trainer.data import image_folder_path, load_image_folder, parse_image_size
+
+    recorded = recorded_config(loaded)
+    data_dir = data_dir or recorded.get("data_dir") or "./data"
+    folder = image_folder_path(loaded.dataset)
+    if loaded.dataset == CUSTOM_DATA:
+        raise ConfigError(
+            f"{loaded.path} was trained on data given in Python: evaluate it there (trainer.evaluate.evaluate_model)"
+        )
+    if folder is not None:
+        # The size as training asked for it (the cache is keyed by it), else the model's input size.
+        size = parse_image_size(recorded["image_size"]) if "image_size" in recorded else tuple(loaded.input_shape[1:])
+        _, test, names = load_image_folder(folder, data_dir, size, say=lambda _: None)
+        if names != loaded.class_names:
+            raise ConfigError(f"{folder} now holds the classes {', '.join(names)}, not the checkpoint's")
+        return test
+    return load_split(loaded.dataset, data_dir, train=False)
 
 
 def model_input(
@@ -286,10 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a checkpoint folder (step_*), a run's `best` link or a model.safetensors")
-    parser.add_argument("--data-dir", default="./data", help="folder holding (or receiving) the torchvision data sets")
+    parser.add_argument(
+        "--data-dir", default=None, metavar="DIR",
+        help="folder holding (or receiving) the data sets and image caches (default: the training run's, else ./data)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size per process")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     parser.add_argument("--mixed-precision", choices=PRECISIONS, default=None, help="default: accelerate's config")
+    parser.add_argument(
+        "--model", default=None, metavar="MODULE:FN",
+        help="rebuild a model that is not built in with this factory (as in training); never taken from the checkpoint",
+    )  # fmt: skip
     from trainer.errors import add_json_flag
 
     add_json_flag(parser)
@@ -320,12 +369,12 @@ def _run(args: argparse.Namespace) -> int:
             f"{launched} processes were launched but accelerate sees no distributed setup; "
             "on a CPU-only machine pass --cpu (gloo)"
         )
-    loaded = load_model(args.checkpoint)
-    with acc.main_process_first():  # one process downloads; the others then read the files
-        split = load_split(loaded.dataset, args.data_dir, train=False)
-    if tuple(split.images.shape[1:]) != loaded.input_shape[1:]:
+    loaded = load_model(args.checkpoint, args.model)
+    with acc.main_process_first():  # one process downloads or decodes; the others then read the files
+        split = load_test_split(loaded, args.data_dir)
+    if input_shape_of(split) != loaded.input_shape:
         raise ConfigError(
-            f"{loaded.dataset} images are {tuple(split.images.shape[1:])}, the checkpoint expects {loaded.input_shape}"
+            f"{loaded.dataset} images are {input_shape_of(split)}, the checkpoint expects {loaded.input_shape}"
         )
     # channels_last as in training (the default there): the same numbers, the faster layout on GPUs.
     channels_last = True

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.checkpoint import CheckpointError
+from trainer.config import CUSTOM_DATA, ConfigError
+from trainer.data import DATASET_INFO, grey_palette
 from trainer.errors import first_line
 
 # MNIST's recipe: the digit fits in a BOX x BOX square, centred by mass in the SIZE x SIZE image.
@@ -46,7 +48,7 @@ def read_image(path: str | os.PathLike) -> Tensor:
                     # Drawing programs save ink on a transparent background: put it on paper.
                     rgba = image.convert("RGBA")
                     image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-                grey = image.mode in ("1", "L", "LA") or (image.mode == "P" and _grey_palette(image))
+                grey = image.mode in ("1", "L", "LA") or (image.mode == "P" and grey_palette(image))
                 pixels = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
@@ -54,11 +56,6 @@ def read_image(path: str | os.PathLike) -> Tensor:
         # OSError covers unidentifiable, truncated and unreadable files (and folders).
         raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
     return torch.from_numpy(np.array(pixels, dtype=np.float32))
-
-
-def _grey_palette(image: Any) -> bool:
-    palette = image.getpalette() or []
-    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
 def luminance(image: Tensor) -> Tensor:
@@ -234,7 +231,7 @@ def load_image(path: str | os.PathLike, invert: str = "auto") -> Tensor:
 
 @torch.no_grad()
 def predict(loaded: Any, pixels: Tensor, device: str | torch.device = "cpu") -> Tensor:
-    """Class probabilities [B, classes] for images [B, 28, 28] (0-255 scale) from a `LoadedModel`."""
+    """Class probabilities [B, classes] for images [B, H, W] or [B, C, H, W] (0-255 scale) from a `LoadedModel`."""
     from trainer.evaluate import model_input
 
     model = loaded.model.to(device).eval()
@@ -262,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cpu", action="store_true", help="predict on the CPU even when a GPU is present")
     parser.add_argument(
+        "--model", default=None, metavar="MODULE:FN",
+        help="rebuild a model that is not built in with this factory (as in training); never taken from the checkpoint",
+    )  # fmt: skip
+    parser.add_argument(
         "--save-inputs", metavar="DIR", default=None,
         help="also write the 28x28 image the model sees for each input, as DIR/<name>.png (to see what went wrong)",
     )  # fmt: skip
@@ -280,16 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         return fail(f"--top-k must be at least 1, got {args.top_k}")
     try:
-        loaded = load_model(args.checkpoint)
-    except CheckpointError as exc:
+        loaded = load_model(args.checkpoint, args.model)
+    except (CheckpointError, ConfigError) as exc:
         return fail(str(exc))
     device = _device(args.cpu)
-    if tuple(loaded.input_shape[1:]) != (SIZE, SIZE):
+    digits = loaded.dataset in DATASET_INFO  # MNIST and its siblings: ink on paper, made as MNIST was
+    if loaded.dataset == CUSTOM_DATA:
+        return fail(f"{loaded.path} was trained on data given in Python: predict with the model there")
+    if digits and tuple(loaded.input_shape) != (1, SIZE, SIZE):
         return fail(f"{loaded.path}: input shape {loaded.input_shape} is not MNIST's (1, 28, 28)")
     paths, images, failed = [], [], 0
     for path in args.images:
         try:
-            images.append(load_image(path, args.invert))
+            images.append(load_image(path, args.invert) if digits else _picture(path, loaded.input_shape))
             paths.append(path)
             if args.save_inputs:
                 save_input(images[-1], args.save_inputs, path)
@@ -313,6 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and write_json(results, args.json):
         failed += 1
     return 2 if failed else 0
+
+
+def _picture(path: str, input_shape: tuple[int, ...]) -> Tensor:
+    """An image for a model trained on an image folder: decoded as its training images were."""
+    from trainer.data import DataError, decode_image
+
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file")
+    try:
+        return decode_image(path, grey=input_shape[0] == 1, size=(input_shape[1], input_shape[2]))
+    except DataError as exc:
+        raise ImageError(str(exc)) from None
 
 
 def _device(cpu: bool) -> torch.device:
