@@ -10,9 +10,10 @@ Contenders:
             DataLoader, fp32, contiguous, a `.cpu()`/`.item()` host sync every batch.
   trainer   trainer.Trainer through its public API (Accelerate underneath): `train_epoch()` and
             `evaluate()` per epoch, as `fit()` runs them, minus the log and checkpoint writes.
-  bare      the Trainer's loop without Accelerate: the same tensor data path (EpochSampler,
-            to_model_input), memory format, precision and per-step bookkeeping, in plain PyTorch.
-            trainer/bare is what the Accelerate layer costs.
+  bare      the Trainer's loop without Accelerate, in plain PyTorch on the library's own parts: the
+            same config, data path (make_loader, EpochSampler, to_model_input), model, OneCycle
+            schedule, per-step bookkeeping (state.Position), memory format, precision, and
+            evaluate_model. trainer/bare is what the Accelerate layer costs.
 
 Run: python benchmarks/compare.py --data-dir ../shared/data --epochs 1 --rounds 3
 """
@@ -52,10 +53,13 @@ from rich.table import Table
 from torch.overrides import TorchFunctionMode
 
 import trainer
+from trainer import state
 from trainer.config import TrainConfig
-from trainer.data import load_split, make_loader, to_model_input
+from trainer.data import DATASET_INFO, load_split, make_loader, to_model_input
 from trainer.engine import Trainer
+from trainer.evaluation import EvalResult, evaluate_model
 from trainer.model import build_model
+from trainer.runlog import METRICS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -74,13 +78,14 @@ DESCRIPTIONS = {
 }
 # A compiled contender and its eager twin: the break-even is the compile warm-up over the epoch time saved.
 COMPILED_TWINS = {"trainer_compile": "trainer", "trainer_compile_bf16": "trainer_bf16"}
-EVAL_BATCH_SIZE = TrainConfig.eval_batch_size  # the Trainer's default, used by the bare loop too
+# --mixed-precision -> the autocast dtype of the bare loop and the warm-up (accelerate's choice for the trainer).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Tensor methods that read a value back to the host: on a GPU, each one waits for the device.
 HOST_READS = frozenset({"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"})
 TORCH_DIR = str(Path(torch.__file__).parent) + os.sep
 WARNINGS_FILE = warnings.__file__
 # Code that trainer and bare both run: the census does not list it as where the trainer's extra calls come from.
-SHARED_CODE = ("trainer/data.py", "trainer/model.py", "benchmarks/")
+SHARED_CODE = ("trainer/data.py", "trainer/model.py", "trainer/state.py", "trainer/evaluate.py", "benchmarks/")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,29 @@ class BaselineRun:
         pass
 
 
+def train_config(s: Settings, out_dir: str, precision: str | None = None, compile: bool = False) -> TrainConfig:
+    """The trainer contenders' config; the bare loop takes its recipe from the same one."""
+    return TrainConfig(
+        data_dir=s.data_dir,
+        output_dir=out_dir,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        limit_train_batches=s.limit_train_batches,
+        cpu=s.device == "cpu",
+        mixed_precision=precision or s.mixed_precision,
+        channels_last=s.channels_last,
+        compile=compile,
+        threads=s.threads,
+        progress="plain",
+    )
+
+
+def eval_record(v: EvalResult, warmup_s: float | None = None) -> dict[str, Any]:
+    record = {"acc": v.accuracy, "correct": v.correct, "seen": v.seen, "loss": v.loss}
+    return record if warmup_s is None else {**record, "warmup_s": warmup_s}
+
+
 class TrainerRun:
     def __init__(self, s: Settings, out_dir: str, precision: str | None = None, compile: bool = False) -> None:
         from accelerate.state import AcceleratorState, GradientState
@@ -123,21 +151,7 @@ class TrainerRun:
         # Each contender gets a fresh Accelerator; accelerate keeps its state in class-level singletons.
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        config = TrainConfig(
-            data_dir=s.data_dir,
-            output_dir=out_dir,
-            epochs=s.epochs,
-            batch_size=s.batch_size,
-            seed=s.seed,
-            limit_train_batches=s.limit_train_batches,
-            cpu=s.device == "cpu",
-            mixed_precision=precision or s.mixed_precision,
-            channels_last=s.channels_last,
-            compile=compile,
-            threads=s.threads,
-            progress="plain",
-        )
-        self.trainer = Trainer(config)
+        self.trainer = Trainer(train_config(s, out_dir, precision, compile))
         self.warm = {"train": True, "eval": True}
 
     def train_epoch(self, max_steps: int | None = None) -> dict[str, Any]:
@@ -147,62 +161,69 @@ class TrainerRun:
 
     def evaluate(self) -> dict[str, Any]:
         v = self.trainer.evaluate()
-        warmup = v.first_batch_s if self.warm.pop("eval", False) else 0.0
-        return {"acc": v.accuracy, "correct": v.correct, "seen": v.seen, "loss": v.loss, "warmup_s": warmup}
+        return eval_record(v, v.first_batch_s if self.warm.pop("eval", False) else 0.0)
 
     def end_epoch(self) -> None:
-        # What fit() does between epochs, the metrics and checkpoint writes aside.
-        self.trainer.epoch += 1
-        self.trainer.samples_in_epoch = 0
+        self.trainer.position.next_epoch()
+
+
+def autocast_forward(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """What accelerate's prepare does to the model under mixed precision, in plain torch: the
+    forward runs under autocast and returns fp32 logits."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            logits = forward(*args, **kwargs)
+        return logits.float()
+
+    model.forward = run
 
 
 class BareRun:
     """The Trainer's loop line for line, with plain PyTorch where it calls Accelerate."""
 
     def __init__(self, s: Settings, out_dir: str) -> None:
-        self.s = s
+        self.config = cfg = train_config(s, out_dir)
         self.device = dev = torch.device(s.device)
-        random.seed(s.seed)
-        torch.manual_seed(s.seed)  # as accelerate's set_seed: the same initial weights as the Trainer's
-        torch.cuda.manual_seed_all(s.seed)
-        train = load_split("mnist", s.data_dir, train=True)
-        test = load_split("mnist", s.data_dir, train=False)
-        self.train_loader = make_loader(train, s.batch_size, train=True, seed=s.seed, device=dev)
-        self.eval_loader = make_loader(test, EVAL_BATCH_SIZE, train=False, seed=s.seed, device=dev)
-        model = build_model("blog_resnet")
-        if s.channels_last:
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # as accelerate's set_seed: the same initial weights as the Trainer's
+        torch.cuda.manual_seed_all(cfg.seed)
+        train = load_split(cfg.dataset, cfg.data_dir, train=True)
+        test = load_split(cfg.dataset, cfg.data_dir, train=False)
+        loader = functools.partial(make_loader, seed=cfg.seed, device=dev, num_workers=cfg.num_workers)
+        self.train_loader = loader(train, cfg.batch_size, train=True)
+        self.eval_loader = loader(test, cfg.eval_batch_size, train=False)
+        self.num_classes = len(DATASET_INFO[cfg.dataset][1])
+        model = build_model(cfg.model, num_classes=self.num_classes)
+        if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(dev)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=blog_baseline.LR, momentum=blog_baseline.MOMENTUM)
-        n = len(train.labels)
-        self.stop = None if s.limit_train_batches is None else min(n, s.limit_train_batches * s.batch_size)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        # The Trainer's sizing for one process: --limit-train-batches stops the epoch, and the
+        # schedule's units are its optimizer steps.
+        n = len(train)
+        self.stop = None if cfg.limit_train_batches is None else min(n, cfg.limit_train_batches * cfg.batch_size)
         self.train_loader.sampler.set_position(0, 0, self.stop)
         self.steps_per_epoch = len(self.train_loader)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=blog_baseline.LR, total_steps=max(self.steps_per_epoch * s.epochs, 2)
-        )
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.mixed_precision)
-        self.scaler = torch.amp.GradScaler(dev.type) if self.amp_dtype is torch.float16 else None
-        self.epoch = 0
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        self.scheduler = state.new_onecycle(self.optimizer, cfg, self.steps_per_epoch * cfg.epochs)
+        amp_dtype = AMP_DTYPES.get(cfg.mixed_precision)
+        if amp_dtype is not None:
+            autocast_forward(self.model, dev, amp_dtype)
+        self.scaler = torch.amp.GradScaler(dev.type) if amp_dtype is torch.float16 else None
+        self.position = state.Position()
 
     def train_epoch(self, max_steps: int | None = None) -> dict[str, Any]:
-        cl, opt = self.s.channels_last, self.optimizer
-        self.train_loader.sampler.set_position(self.epoch, 0, self.stop)
-        stats = torch.zeros(self.steps_per_epoch, 2, device=self.device)
-        lrs = []
+        cfg, pos, opt = self.config, self.position, self.optimizer
+        if pos.samples_in_epoch == 0:
+            pos.new_epoch(self.steps_per_epoch, self.device)
+        self.train_loader.sampler.set_position(pos.epoch, pos.samples_in_epoch, self.stop)
         self.model.train()
         for i, (images, labels) in enumerate(self.train_loader):
-            with self._autocast():
-                logits = self.model(to_model_input(images, cl))
-            if self.amp_dtype is not None:
-                logits = logits.float()  # accelerate returns fp32 outputs under mixed precision
+            logits = self.model(to_model_input(images, cfg.channels_last))
             loss = F.cross_entropy(logits, labels)
-            lrs.append(opt.param_groups[0]["lr"])
+            pos.epoch_lrs.append(opt.param_groups[0]["lr"])
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(opt)
@@ -212,31 +233,21 @@ class BareRun:
                 opt.step()
             opt.zero_grad(set_to_none=True)
             self.scheduler.step()
-            stats[i, 0] = loss.detach()
-            stats[i, 1] = (logits.detach().argmax(dim=1) == labels).sum()
-        host = stats.to("cpu", torch.float64)  # the epoch's one sync, as in the Trainer
-        samples = host.shape[0] * self.s.batch_size
+            pos.stats[i, 0] = loss.detach()
+            pos.stats[i, 1] = (logits.detach().argmax(dim=1) == labels).sum()
+            pos.stats_filled = i + 1
+            pos.step += 1
+            pos.samples_in_epoch += cfg.batch_size
+        host = pos.stats[: pos.stats_filled].to("cpu", torch.float64)  # the epoch's one sync, as in the Trainer
+        samples = host.shape[0] * cfg.batch_size
         return {"loss": host[:, 0].mean().item(), "acc": host[:, 1].sum().item() / samples, "samples": samples}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        cl, classes = self.s.channels_last, 10
-        self.model.eval()
-        confusion = torch.zeros(classes * classes, dtype=torch.int64, device=self.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for images, labels in self.eval_loader:
-            with self._autocast():
-                logits = self.model(to_model_input(images, cl))
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="none").double().sum()
-            confusion += torch.bincount(labels * classes + logits.argmax(dim=1), minlength=classes * classes)
-        confusion = confusion.view(classes, classes).cpu()
-        seen = int(confusion.sum())
-        correct = int(confusion.diagonal().sum())
-        return {"acc": correct / seen, "correct": correct, "seen": seen, "loss": loss_sum.item() / seen}
+        v = evaluate_model(None, self.model, self.eval_loader, self.num_classes, self.config.channels_last)
+        return eval_record(v)
 
     def end_epoch(self) -> None:
-        self.epoch += 1
+        self.position.next_epoch()
 
 
 FACTORIES: dict[str, Callable[[Settings, str], Any]] = {
@@ -269,7 +280,8 @@ def run_launched(s: Settings, out_dir: str, result: dict[str, Any]) -> None:
         raise RuntimeError(f"accelerate launch exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     threads = re.search(r"threads: (\d+)", done.stdout)
     result["threads"] = int(threads.group(1)) if threads else None
-    rows = [json.loads(line) for line in (Path(out_dir) / "mnist" / "metrics.jsonl").read_text().splitlines()]
+    metrics = Path(out_dir) / TrainConfig().name / METRICS_NAME
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     for row in rows:
         eval_s = row["eval_time_s"]
         result["epochs"].append({
@@ -468,16 +480,14 @@ def run_contender(name: str, s: Settings, log: Callable[[str], None], result: di
 def warm_up(s: Settings, steps: int = 3) -> None:
     """First calls pay for kernel selection and lazy initialisation: pay it here, for every contender's setup."""
     dev = torch.device(s.device)
-    combos = {(False, None), (s.channels_last, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.mixed_precision))}
+    combos = {(False, None), (s.channels_last, AMP_DTYPES.get(s.mixed_precision))}
     for channels_last, dtype in combos:
         model = build_model("blog_resnet").to(dev)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         for _ in range(steps):
-            x = torch.rand(s.batch_size, 1, 28, 28, device=dev)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = to_model_input(torch.rand(s.batch_size, 1, 28, 28, device=dev), channels_last)
             ctx = contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
             with ctx:
                 loss = F.cross_entropy(model(x).float(), torch.randint(0, 10, (s.batch_size,), device=dev))

@@ -128,7 +128,7 @@ def _checkpoint_state(args: dict[str, Any]) -> dict[str, Any]:
     from trainer import checkpoint as ckpt
     from trainer.runtime import agree_on_checkpoint
 
-    run_dir = Path(args["output_dir"]) / (args["run_name"] or args["dataset"])
+    run_dir = Path(args["output_dir"]) / TrainConfig(**{**args, "resume": None}).name
     folder = agree_on_checkpoint(args["resume"], run_dir)
     try:
         state = json.loads((folder / ckpt.STATE_NAME).read_text())

@@ -42,7 +42,7 @@ from trainer.data import (
     parse_image_size,
     to_model_input,
 )
-from trainer.evaluate import EvalResult, evaluate_model
+from trainer.evaluation import EvalResult, evaluate_model
 from trainer.model import MODELS, build_model
 from trainer.runlog import RunLog
 
@@ -330,7 +330,7 @@ class Trainer:
                 train["eval_time_s"] = time.perf_counter() - eval_started - (valid.first_batch_s * first_evaluation)
                 self._check_finite(train["curve"]["loss"], valid.loss)
                 record = self._epoch_record(train, valid)
-                self.position.epoch, self.position.samples_in_epoch = self.position.epoch + 1, 0
+                self.position.next_epoch()
                 self.log.add_epoch(record, train["curve"])
                 self.report.epoch_row(record)
                 self._save(best_candidate=True)

@@ -3,246 +3,31 @@
 What the numbers depend on (architecture, data set, input normalisation, class names) is read
 from the checkpoint's model.safetensors metadata, so a checkpoint is evaluated the way it was
 trained. Under `torchrun` or `accelerate launch` the test split is sharded over the processes and
-every image is still counted exactly once: per-sample results go through gather_for_metrics,
-exactly as during training (`evaluate_model` is the one evaluation loop of the package).
+every image is still counted exactly once, by the same loop as in training
+(`trainer.evaluation.evaluate_model`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from trainer import checkpoint as ckpt
-from trainer.config import CUSTOM_DATA, PRECISIONS, ConfigError, TrainConfig
-from trainer.data import DATASET_INFO, NORMALIZATION, input_shape_of, load_split, make_loader
-from trainer.errors import first_line
-from trainer.model import MODELS, build_model
-
-
-@dataclass
-class EvalResult:
-    correct: int
-    seen: int
-    loss: float  # mean cross-entropy per image
-    confusion: Tensor  # [classes, classes] int64, rows = true class, columns = prediction
-    first_batch_s: float = 0.0  # host time of the first batch (where torch.compile compiles)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.seen if self.seen else 0.0
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model rebuilt from a checkpoint, with what its metadata says about its inputs and outputs."""
-
-    model: nn.Module
-    path: Path  # the model.safetensors file
-    architecture: str
-    dataset: str
-    class_names: tuple[str, ...]
-    normalization: dict[str, float] | None  # None: the inputs are not pixels
-    input_shape: tuple[int, ...]  # [channels, height, width]
-    step: int | None
-    epoch: int | None
-
-
-def model_file(checkpoint: str | os.PathLike) -> Path:
-    """The model.safetensors of a checkpoint folder, a `best` link or the file itself.
-
-    A folder with a manifest is verified first (sizes and sha256 of every file), so a truncated
-    or corrupted checkpoint is refused with the reason instead of failing somewhere later.
-    """
-    path = Path(checkpoint)
-    if not path.exists():  # also a dangling `best` link
-        raise ckpt.CheckpointError(f"{checkpoint}: no such checkpoint folder or file")
-    folder = path.resolve() if path.is_dir() else path.resolve().parent
-    if (path.is_dir() or path.name == ckpt.MODEL_NAME) and (folder / ckpt.MANIFEST_NAME).is_file():
-        ckpt.verify(folder)
-    if path.is_dir():
-        if not (folder / ckpt.MODEL_NAME).is_file():
-            raise ckpt.CheckpointError(
-                f"{checkpoint} holds no {ckpt.MODEL_NAME}: pass a checkpoint folder (step_*), a run's `best` "
-                f"link or a {ckpt.MODEL_NAME} file"
-            )
-        return folder / ckpt.MODEL_NAME
-    return path
-
-
-def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> LoadedModel:
-    """Rebuilds the checkpoint's model (on the CPU, in eval mode) from its safetensors file and metadata.
-
-    A built-in architecture is rebuilt by name. Any other model is rebuilt only from `model_spec`
-    (`--model package.module:factory`), which the user typed: code is never imported because a
-    checkpoint names it."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    path = model_file(checkpoint)
-    try:
-        with safe_open(path, framework="pt") as st:
-            meta = st.metadata() or {}
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ckpt.CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
-    architecture, dataset = meta.get("architecture"), meta.get("dataset")
-    if model_spec is None and architecture not in MODELS:
-        if not architecture or ":" not in architecture:
-            raise ckpt.CheckpointError(f"{path}: unknown architecture {architecture!r} (known: {', '.join(MODELS)})")
-        raise ConfigError(
-            f"{path} holds a {architecture} model, which is not built in: pass --model package.module:factory "
-            "to rebuild it (code is never imported because a checkpoint names it)"
-        )
-    if dataset not in DATASET_INFO and not str(dataset).startswith("imagefolder:") and dataset != CUSTOM_DATA:
-        raise ckpt.CheckpointError(f"{path}: unknown data set {dataset!r} (known: {', '.join(DATASET_INFO)})")
-    try:
-        names = tuple(str(n) for n in json.loads(meta["class_names"])) if "class_names" in meta else None
-        class_names = names or DATASET_INFO[dataset][1]
-        saved = json.loads(meta.get("normalization", "{}"))
-        normalization = {**NORMALIZATION, **{k: float(v) for k, v in saved.items()}} if saved else None
-        if dataset in DATASET_INFO:
-            normalization = normalization or NORMALIZATION  # checkpoints before the normalisation was recorded
-        input_shape = tuple(int(d) for d in json.loads(meta.get("input_shape", "[1, 28, 28]")))
-        num_classes = int(meta.get("num_classes", len(class_names)))
-        step = int(meta["step"]) if meta.get("step") else None
-        epoch = int(meta["epoch"]) if meta.get("epoch") else None
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise ckpt.CheckpointError(f"{path}: unreadable metadata ({first_line(exc)})") from None
-    if len(class_names) != num_classes:
-        raise ckpt.CheckpointError(f"{path}: {len(class_names)} class names for {num_classes} classes")
-    if normalization is not None and (normalization["divide_by"] <= 0 or normalization["std"] <= 0):
-        raise ckpt.CheckpointError(f"{path}: invalid normalization {normalization}")
-    image = tuple(input_shape[1:]) if len(input_shape) == 3 else (28, 28)
-    model = build_model(model_spec or architecture, num_classes, in_channels=input_shape[0], image_size=image)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ckpt.CheckpointError(
-            f"{path} does not fit a {model_spec or architecture} with {num_classes} classes: {first_line(exc)}"
-        ) from None
-    model.eval()
-    return LoadedModel(model, path, architecture, dataset, class_names, normalization, input_shape, step, epoch)
-
-
-def recorded_config(loaded: LoadedModel) -> dict[str, Any]:
-    """The settings of the run that wrote the checkpoint (state.json beside model.safetensors), if any."""
-    try:
-        config = json.loads((loaded.path.parent / ckpt.STATE_NAME).read_text())["config"]
-        return config if isinstance(config, dict) else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def load_test_split(loaded: LoadedModel, data_dir: str | None) -> Any:
-    """The test split the checkpoint's model was evaluated on in training."""
-    from trainer.data import image_folder_path, load_image_folder, parse_image_size
-
-    recorded = recorded_config(loaded)
-    data_dir = data_dir or recorded.get("data_dir") or "./data"
-    folder = image_folder_path(loaded.dataset)
-    if loaded.dataset == CUSTOM_DATA:
-        raise ConfigError(
-            f"{loaded.path} was trained on data given in Python: evaluate it there (trainer.evaluate.evaluate_model)"
-        )
-    if folder is not None:
-        # The size as training asked for it (the cache is keyed by it), else the model's input size.
-        size = parse_image_size(recorded["image_size"]) if "image_size" in recorded else tuple(loaded.input_shape[1:])
-        _, test, names = load_image_folder(folder, data_dir, size, say=lambda _: None)
-        if names != loaded.class_names:
-            raise ConfigError(f"{folder} now holds the classes {', '.join(names)}, not the checkpoint's")
-        return test
-    return load_split(loaded.dataset, data_dir, train=False)
-
-
-def model_input(
-    pixels: Tensor, normalization: dict[str, float] | None = NORMALIZATION, channels_last: bool = False
-) -> Tensor:
-    """Pixel values [B, H, W] or [B, C, H, W] (uint8, or floats on the 0-255 scale) -> the float
-    [B, C, H, W] the model was trained on (`normalization` None: inputs that are not pixels, as they are).
-
-    With the default normalisation these are the operations of `trainer.data.to_model_input`, so a
-    uint8 image gives bit-identical inputs here, in training and in `trainer.predict`.
-    """
-    if normalization is None:  # inputs that are not pixels go to the model as they are
-        return pixels.contiguous(memory_format=torch.channels_last) if channels_last and pixels.dim() == 4 else pixels
-    x = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels
-    x = x.to(torch.float32).div(normalization["divide_by"])  # never in place: may alias `pixels`
-    mean, std = normalization.get("mean", 0.0), normalization.get("std", 1.0)
-    if mean != 0.0 or std != 1.0:
-        x = x.sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@torch.no_grad()
-def evaluate_model(
-    accelerator: Any,
-    model: nn.Module,
-    loader: Any,
-    num_classes: int,
-    channels_last: bool = False,
-    normalization: dict[str, float] | None = NORMALIZATION,
-) -> EvalResult:
-    """Exact counts over everything `loader` yields: every image once, whatever the number of processes.
-
-    accelerate pads the last batches with repeated images so every process gets one; it drops
-    those repeats only from per-sample tensors, so we gather per-sample results, never counts.
-    `model` and `loader` must have gone through `accelerator.prepare`.
-    """
-    acc = accelerator
-    model.eval()
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=acc.device)
-    losses_seen = []  # per-image float32 losses stay on the device (no float64 there: MPS has none)
-    started, first_batch_s = time.perf_counter(), 0.0
-    for images, labels in loader:
-        logits = model(model_input(images, normalization, channels_last)).float()
-        if not losses_seen:
-            first_batch_s = time.perf_counter() - started
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        predicted = logits.argmax(dim=1)
-        losses, predicted, labels = acc.gather_for_metrics((losses, predicted, labels))
-        losses_seen.append(losses)
-        confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    seen = int(confusion.sum())
-    # One transfer at the end; the sum is exact in double precision on the host.
-    loss_sum = math.fsum(torch.cat(losses_seen).tolist()) if losses_seen else 0.0
-    correct = int(confusion.diagonal().sum())
-    return EvalResult(correct, seen, loss_sum / max(seen, 1), confusion, first_batch_s)
-
-
-def class_metrics(confusion: Tensor) -> dict[str, Any]:
-    """Per-class precision, recall, F1 and support from a confusion matrix (rows = true class).
-
-    A ratio with nothing to divide by is 0 (as scikit-learn's zero_division=0), and macro averages
-    run over all classes, so a class the model never predicts pulls macro-F1 down.
-    """
-    c = confusion.to(torch.float64)
-    hits, predicted, support = c.diagonal(), c.sum(dim=0), c.sum(dim=1)
-
-    def ratio(num: Tensor, den: Tensor) -> Tensor:  # counts: a positive denominator is at least 1
-        return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
-
-    precision, recall = ratio(hits, predicted), ratio(hits, support)
-    f1 = ratio(2 * hits, predicted + support)  # = 2PR / (P + R), without dividing by a zero P + R
-    return {
-        "precision": precision.tolist(),
-        "recall": recall.tolist(),
-        "f1": f1.tolist(),
-        "support": [int(s) for s in support.tolist()],
-        "macro_precision": precision.mean().item(),
-        "macro_recall": recall.mean().item(),
-        "macro_f1": f1.mean().item(),
-    }
+from trainer.config import PRECISIONS, ConfigError, TrainConfig
+from trainer.data import input_shape_of, make_loader
+from trainer.evaluation import (  # noqa: F401 (also this module's public names, as before the split)
+    EvalResult,
+    LoadedModel,
+    class_metrics,
+    evaluate_model,
+    load_model,
+    load_test_split,
+    model_file,
+    model_input,
+)
 
 
 def report(result: EvalResult, loaded: LoadedModel, **extra: Any) -> dict[str, Any]:

@@ -222,7 +222,7 @@ def save_input(image: Tensor, folder: str | os.PathLike, source: str | os.PathLi
 
 
 def load_image(path: str | os.PathLike, invert: str = "auto") -> Tensor:
-    """An image file -> float32 [28, 28] on the 0-255 scale, ready for `trainer.evaluate.model_input`."""
+    """An image file -> float32 [28, 28] on the 0-255 scale, ready for `trainer.evaluation.model_input`."""
     try:
         return to_mnist(read_image(path), invert)
     except EmptyImage as exc:
@@ -232,7 +232,7 @@ def load_image(path: str | os.PathLike, invert: str = "auto") -> Tensor:
 @torch.no_grad()
 def predict(loaded: Any, pixels: Tensor, device: str | torch.device = "cpu") -> Tensor:
     """Class probabilities [B, classes] for images [B, H, W] or [B, C, H, W] (0-255 scale) from a `LoadedModel`."""
-    from trainer.evaluate import model_input
+    from trainer.evaluation import model_input
 
     model = loaded.model.to(device).eval()
     logits = model(model_input(pixels.to(device), loaded.normalization)).float()
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Predicts every readable image; returns 2 if any image or the checkpoint could not be read."""
     from trainer.errors import fail
-    from trainer.evaluate import load_model
+    from trainer.evaluation import load_model
 
     args = build_parser().parse_args(argv)
     if args.top_k < 1:

@@ -13,28 +13,10 @@ from typing import Any
 
 from trainer import checkpoint as ckpt
 from trainer import runtime
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.jsonl"
-
-
-def check_trackers(names: list[str]) -> list[str]:
-    """--log-with names that accelerate knows and whose package is installed; else a ConfigError.
-    accelerate itself would skip a missing tracker with a debug-level message only."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-    from accelerate.utils import LoggerType
-
-    if "all" in names:
-        return ["all"]
-    available = {str(t) for t in get_available_trackers()}
-    for name in names:
-        if name not in LOGGER_TYPE_TO_CLASS:
-            known = ", ".join(sorted(LOGGER_TYPE_TO_CLASS))
-            raise ConfigError(f"--log-with: unknown tracker {name!r}; accelerate knows {known}, all")
-        if name in LoggerType.list() and name not in available:
-            raise ConfigError(f"--log-with {name}: the {name} package is not installed (pip install {name})")
-    return names
 
 
 class RunLog:

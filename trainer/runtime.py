@@ -233,8 +233,6 @@ def make_accelerator(config: TrainConfig) -> Any:
         from accelerate.utils import ProjectConfiguration
 
         run_dir = Path(config.output_dir) / config.name
-        from trainer.runlog import check_trackers
-
         kwargs["log_with"] = check_trackers(config.trackers)
         kwargs["project_config"] = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers"))
     try:
@@ -354,3 +352,21 @@ def resume_command(args: list[str] | None = None) -> str:
     else:
         launcher = ["python", "-m", "trainer"]
     return shlex.join(launcher + cleaned)
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """--log-with names that accelerate knows and whose package is installed; else a ConfigError.
+    accelerate itself would skip a missing tracker with a debug-level message only."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if "all" in names:
+        return ["all"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            known = ", ".join(sorted(LOGGER_TYPE_TO_CLASS))
+            raise ConfigError(f"--log-with: unknown tracker {name!r}; accelerate knows {known}, all")
+        if name in LoggerType.list() and name not in available:
+            raise ConfigError(f"--log-with {name}: the {name} package is not installed (pip install {name})")
+    return names

@@ -46,6 +46,10 @@ class Position:
     epoch_lrs: list[float] = field(default_factory=list)  # the LR of each step of this epoch so far
     epoch_time_before: float = 0.0  # seconds of this epoch spent before the last resume or save
 
+    def next_epoch(self) -> None:
+        """The epoch is done: the next one begins at its first sample."""
+        self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+
     def new_epoch(self, steps: int, device: torch.device) -> None:
         self.stats = torch.zeros(steps, 2, device=device)
         self.stats_filled, self.epoch_lrs, self.epoch_time_before = 0, [], 0.0
