@@ -47,6 +47,13 @@ NORMALIZATION = {"divide_by": 255.0, "mean": 0.0, "std": 1.0}
 class DataError(ConfigError):
     """Missing or unreadable data: a user error, reported in one line."""
 
+    def __init__(self, message: str) -> None:
+        # Raised in a DataLoader worker, it comes back as DataError("Caught DataError in DataLoader
+        # worker process 0.\nOriginal Traceback ...\ntrainer.data.DataError: <message>"): keep the message.
+        if message.startswith("Caught DataError"):
+            message = message.strip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
 
 @dataclass(frozen=True)
 class Split:
@@ -236,16 +243,23 @@ class EpochSampler(Sampler[int]):
         return iter(range(self.start, self.stop))
 
 
-def check_labels(data: Split | Dataset, classes: int, split: str) -> bool:
-    """Every label is a class of the model. Checked here, up front, where the labels can be read
-    without the inputs (tensors; a Dataset's `targets` or `labels`): True. Else False, and the
-    loader's `PositionedDataset` checks each sample as it reads it."""
+def readable_labels(data: Split | Dataset) -> Tensor | None:
+    """The labels, where they can be read without the inputs: tensors, or a Dataset's `targets` or
+    `labels` (as torchvision's data sets have); else None."""
     labels = data.labels if isinstance(data, Split) else getattr(data, "targets", getattr(data, "labels", None))
     try:
         labels = torch.as_tensor(labels) if labels is not None and len(labels) == len(data) else None
     except (TypeError, ValueError, RuntimeError):
-        labels = None
-    if labels is None or labels.is_floating_point() or labels.dim() != 1:
+        return None
+    return None if labels is None or labels.is_floating_point() or labels.dim() != 1 else labels
+
+
+def check_labels(data: Split | Dataset, classes: int, split: str) -> bool:
+    """Every label is a class of the model. Checked here, up front, where the labels can be read
+    without the inputs (tensors; a Dataset's `targets` or `labels`): True. Else False, and the
+    loader's `PositionedDataset` checks each sample as it reads it."""
+    labels = readable_labels(data)
+    if labels is None:
         return False
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
         bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())

@@ -40,6 +40,7 @@ from trainer.data import (
     load_split,
     make_loader,
     parse_image_size,
+    readable_labels,
     to_model_input,
 )
 from trainer.evaluation import EvalResult, evaluate_model
@@ -194,8 +195,14 @@ class Trainer:
         # --model package:factory builds it (and evaluate / predict rebuild it only when told so again).
         self.factory = cfg.model if model is None and cfg.model not in MODELS else None
         if model is None:
-            if names is None:
-                raise ConfigError("with data given in Python, pass model= too, or class_names= for the default network")
+            if names is None:  # the default network on data given in Python: as many classes as labels
+                labels = [readable_labels(d) for d in (self.data.train, self.data.test)]
+                if any(t is None for t in labels):
+                    raise ConfigError(
+                        "the default network needs to know the classes: pass class_names=, or model=, or data "
+                        "whose labels can be read (tensors, or a Dataset with `targets`)"
+                    )
+                names = tuple(str(k) for k in range(int(max(t.max() for t in labels if len(t))) + 1))
             image = tuple(shape[1:]) if len(shape) == 3 else (28, 28)
             model = build_model(cfg.model, num_classes=len(names), in_channels=shape[0], image_size=image)
             builtin = self.factory is None

@@ -1,0 +1,336 @@
+"""The Trainer as a library: your own model and your own Dataset, with the CLI's guarantees (exact
+counts, the exact LR schedule, signal-safe checkpoints, bitwise resume, one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fork_processes, reset_accelerate
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_distributed import MAX_LR, assert_one_cycle
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from trainer import Stopped, TrainConfig, Trainer
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError
+
+FEATURES, CLASSES = 20, 3
+N_TRAIN, N_EVAL = 512, 101  # 101: no batch size or process count used here divides it
+BATCH = 16
+EPOCHS = 3
+TIMING_KEYS = ("epoch_time_s", "eval_time_s", "warmup_s", "train_samples_per_s")
+SEQUENTIAL = "torch.nn.modules.container:Sequential"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def make_vectors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable float vectors: class k is a fixed random centre plus unit noise (the centres are
+    shared by every split)."""
+    centres = torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    return centres[labels] + torch.randn(n, FEATURES, generator=g), labels
+
+
+class Vectors(Dataset):
+    """A plain map-style Dataset (not a TensorDataset): one (float vector, int label) per index.
+
+    Armed with `signal_after`, it sends this process `signum` when that many samples have been
+    read since arming: a stop at a chosen point of the run, driven by the data, not by a clock."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.inputs, self.labels = inputs, labels.tolist()
+        self.pid = os.getpid()
+        self.reads = 0
+        self.signal_after: int | None = None
+        self.signum = signal.SIGTERM
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.reads += 1
+        if self.reads == self.signal_after:
+            os.kill(self.pid, self.signum)
+        return self.inputs[index], self.labels[index]
+
+
+def vectors(n: int = N_TRAIN, seed: int = 1) -> Vectors:
+    return Vectors(*make_vectors(n, seed))
+
+
+def make_mlp(outputs: int = CLASSES) -> nn.Module:
+    """The same initial weights every time (torch's global RNG is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, outputs))
+
+
+def config(out: Path, run_name: str = "mlp", **kw) -> TrainConfig:
+    values = dict(epochs=EPOCHS, batch_size=BATCH, eval_batch_size=BATCH, lr=MAX_LR, output_dir=str(out),
+                  run_name=run_name, cpu=True, progress="plain", channels_last=False)  # fmt: skip
+    return TrainConfig(**{**values, **kw})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def deterministic(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt.find_latest(run) / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+def check_run(run: Path, nproc: int, class_names: list[str]) -> None:
+    """Exact counts, OneCycle's last LR on the last step, a checkpoint of the user's own model."""
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["valid_seen"] for r in rows] == [N_EVAL] * EPOCHS
+    assert all(r["num_processes"] == nproc for r in rows)
+    assert rows[-1]["valid_acc"] >= 0.9, rows[-1]  # chance is 1/3
+    lrs = [lr for c in read_jsonl(run / "curves.jsonl") for lr in c["lr"]]
+    assert len(lrs) == rows[-1]["step"] == EPOCHS * (N_TRAIN // (BATCH * nproc))
+    assert_one_cycle(lrs)  # ends at max_lr / 25 / 1e4 exactly
+    latest = ckpt.find_latest(run)
+    ckpt.verify(latest)
+    assert sorted(load_file(latest / "model.safetensors")) == sorted(make_mlp().state_dict())
+    with safe_open(latest / "model.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert meta["architecture"] == SEQUENTIAL
+    assert json.loads(meta["class_names"]) == class_names
+    assert json.loads(meta["input_shape"]) == [FEATURES]
+
+
+def test_custom_model_on_a_plain_dataset_one_process(tmp_path):
+    """Your MLP and your Dataset: every eval sample counted once, the schedule's last step exact,
+    the checkpoint holds your model's own keys, and fit() returns what metrics.jsonl holds."""
+    model = make_mlp()
+    trainer = Trainer(config(tmp_path), model=model, train_data=vectors(), eval_data=vectors(N_EVAL, seed=2),
+                      class_names=["a", "b", "c"])  # fmt: skip
+    history = trainer.fit()
+    run = tmp_path / "mlp"
+    assert history == read_jsonl(run / "metrics.jsonl")
+    check_run(run, 1, ["a", "b", "c"])
+    # The module passed in is the one trained: it holds the final checkpoint's weights.
+    assert_same_weights(final_weights(run), {k: v.detach() for k, v in model.state_dict().items()})
+
+
+def train_two(args: list[str]) -> int:
+    """In each forked process: the same script as on one process (no class names: "0".."2")."""
+    trainer = Trainer(config(Path(args[0]), "two"), model=make_mlp(), train_data=vectors(),
+                      eval_data=vectors(N_EVAL, seed=2))  # fmt: skip
+    trainer.fit()
+    return 0
+
+
+@pytest.mark.slow
+def test_custom_model_on_a_plain_dataset_two_processes(tmp_path):
+    """The same script on 2 gloo processes: still 101 of 101 counted, the last LR exact, and no
+    DDP `module.` prefix in the checkpoint."""
+    forked = fork_processes([str(tmp_path)], nproc=2, target=train_two)
+    result = forked.wait(600)
+    assert result.codes == [0, 0], forked.read(0) + forked.read(1)
+    check_run(tmp_path / "two", 2, ["0", "1", "2"])
+
+
+def run_mlp(out: Path, run_name: str, train: Dataset | None = None, **kw) -> list[dict]:
+    trainer = Trainer(config(out, run_name, **kw), model=make_mlp(), train_data=train or vectors(),
+                      eval_data=vectors(N_EVAL, seed=2))  # fmt: skip
+    return trainer.fit()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_and_resume_latest_equals_an_unbroken_run(tmp_path, signum):
+    """A SIGTERM (or Ctrl-C) in the middle of epoch 2 saves a checkpoint and raises Stopped; the
+    same script with resume="latest" then ends with the weights and metrics of a run never stopped."""
+    unbroken = run_mlp(tmp_path, "unbroken", num_workers=0)
+
+    train = vectors()
+    trainer = Trainer(config(tmp_path, "broken", num_workers=0), model=make_mlp(), train_data=train,
+                      eval_data=vectors(N_EVAL, seed=2))  # fmt: skip
+    train.reads, train.signal_after = 0, N_TRAIN + 7 * BATCH + 3  # a read during epoch 2's 8th step
+    train.signum = signum
+    try:
+        with pytest.raises(Stopped) as stopped:
+            trainer.fit()
+    except KeyboardInterrupt:  # would otherwise end the whole pytest session
+        pytest.fail("the SIGINT escaped fit() as a KeyboardInterrupt")
+    steps_per_epoch = N_TRAIN // BATCH
+    run = tmp_path / "broken"
+    assert stopped.value.signum == signum
+    assert Path(stopped.value.checkpoint) == ckpt.find_latest(run)
+    ckpt.verify(Path(stopped.value.checkpoint))
+    step = ckpt.step_of(Path(stopped.value.checkpoint))
+    assert steps_per_epoch < step < 2 * steps_per_epoch, step  # mid-epoch: the data position matters
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1
+
+    reset_accelerate()
+    resumed = Trainer(config(tmp_path, "broken", num_workers=0, resume="latest"), model=make_mlp(),
+                      train_data=vectors(), eval_data=vectors(N_EVAL, seed=2)).fit()  # fmt: skip
+    assert deterministic(resumed) == deterministic(unbroken)
+    assert deterministic(read_jsonl(run / "metrics.jsonl")) == deterministic(
+        read_jsonl(tmp_path / "unbroken" / "metrics.jsonl")
+    )
+    assert read_jsonl(run / "curves.jsonl") == read_jsonl(tmp_path / "unbroken" / "curves.jsonl")
+    assert_same_weights(final_weights(run), final_weights(tmp_path / "unbroken"))
+
+    # Negative control: the comparison can fail (another seed, another data order, other weights).
+    reset_accelerate()
+    other = run_mlp(tmp_path, "other-seed", seed=13, num_workers=0)
+    assert deterministic(other) != deterministic(unbroken)
+    a, b = final_weights(tmp_path / "other-seed"), final_weights(tmp_path / "unbroken")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensor_dataset_fast_path_gives_the_plain_dataset_numbers(tmp_path):
+    """The same float vectors as a TensorDataset (one index op per batch) or as a plain Dataset
+    (a DataLoader) train the same run."""
+    x, y = make_vectors(N_TRAIN, 1)
+    fast = run_mlp(tmp_path, "fast", train=TensorDataset(x, y))
+    reset_accelerate()
+    plain = run_mlp(tmp_path, "plain", train=Vectors(x, y))
+    assert deterministic(fast) == deterministic(plain)
+    assert_same_weights(final_weights(tmp_path / "fast"), final_weights(tmp_path / "plain"))
+
+    # Negative control: the same samples stored in another order are another run.
+    reset_accelerate()
+    perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(5))
+    shuffled = run_mlp(tmp_path, "shuffled", train=TensorDataset(x[perm], y[perm]))
+    assert deterministic(shuffled) != deterministic(fast)
+
+
+def test_default_network_on_python_data_counts_classes_from_the_labels(tmp_path):
+    """No model and no class names: the default network gets max label + 1 classes, over both
+    splits (here the evaluation data holds a class the training data lacks), named "0".."3"."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (64, 1, 12, 12), generator=g, dtype=torch.uint8)
+    train = TensorDataset(images[:48], torch.randint(0, 3, (48,), generator=g))
+    test = TensorDataset(images[48:], torch.tensor([3] + [0] * 15))
+    cfg = config(tmp_path, "default-net", epochs=1, limit_train_batches=2, channels_last=True)
+    history = Trainer(cfg, train_data=train, eval_data=test).fit()
+    assert history[-1]["valid_seen"] == 16
+    with safe_open(ckpt.find_latest(tmp_path / "default-net") / "model.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["class_names"]) == ["0", "1", "2", "3"]
+    assert json.loads(meta["input_shape"]) == [1, 12, 12]
+
+
+class Unlabelled(Dataset):
+    """A Dataset whose labels are known only by reading its samples (no `labels` or `targets`)."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.samples = list(zip(inputs, labels.tolist()))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.samples[index]
+
+
+class Squeezed(nn.Module):
+    """Logits of shape [B] instead of [B, C]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(FEATURES, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(1)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["train-without-eval", "eval-without-train", "output-not-2d", "output-too-few-classes",
+     "too-few-class-names", "train-smaller-than-a-batch",
+     "label-read-beyond-the-outputs", "label-read-beyond-the-outputs-in-a-worker"],
+)  # fmt: skip
+def test_bad_inputs_are_one_line_config_errors(tmp_path, case):
+    """Each mistake is a ConfigError of one line, before a single epoch is logged."""
+    kwargs = {"model": make_mlp(), "train_data": vectors(), "eval_data": vectors(N_EVAL, seed=2)}
+    settings = {}
+    if case == "train-without-eval":
+        del kwargs["eval_data"]
+    elif case == "eval-without-train":
+        del kwargs["train_data"]
+    elif case == "output-not-2d":
+        kwargs["model"] = Squeezed()
+    elif case == "output-too-few-classes":  # the labels go up to 2: three classes, two logits
+        kwargs["model"] = make_mlp(outputs=2)
+    elif case == "too-few-class-names":
+        kwargs["class_names"] = ["a", "b"]
+    elif case == "train-smaller-than-a-batch":
+        kwargs["train_data"] = vectors(BATCH - 1)
+    elif case.startswith("label-read-beyond-the-outputs"):  # known only once the samples are read
+        kwargs["model"] = make_mlp(outputs=2)
+        kwargs["train_data"] = Unlabelled(*make_vectors(N_TRAIN, 1))
+        kwargs["eval_data"] = Unlabelled(*make_vectors(N_EVAL, 2))
+        settings["num_workers"] = 1 if case.endswith("worker") else 0
+    with pytest.raises(ConfigError) as error:
+        Trainer(config(tmp_path, **settings), **kwargs).fit()
+    message = str(error.value)
+    assert message and "\n" not in message, message
+    assert not (tmp_path / "mlp" / "metrics.jsonl").exists()
+
+
+def train_two_then_stop(args: list[str]) -> int:
+    """In each forked process: the script on 2 processes; process 0 gets a SIGTERM from its data
+    during epoch 2 (the processes agree on stopping within 10 steps)."""
+    train = vectors()
+    trainer = Trainer(config(Path(args[0]), "elastic", num_workers=0), model=make_mlp(), train_data=train,
+                      eval_data=vectors(N_EVAL, seed=2))  # fmt: skip
+    if os.environ["RANK"] == "0":
+        per_epoch = N_TRAIN // 2  # each process reads half of every epoch
+        train.reads, train.signal_after, train.signum = 0, per_epoch + 3 * BATCH + 5, signal.SIGTERM
+    try:
+        trainer.fit()
+    except Stopped as stopped:
+        return 128 + stopped.signum
+    return 0
+
+
+@pytest.mark.slow
+def test_a_python_dataset_run_stopped_on_two_processes_resumes_on_one(tmp_path):
+    """Elastic resume on the DataLoader path: 2 processes stop mid-epoch, 1 process finishes the
+    run; the interrupted epoch still trains every sample once, evaluation still counts all 101,
+    and the schedule still ends on OneCycle's final LR at the last step."""
+    forked = fork_processes([str(tmp_path)], nproc=2, target=train_two_then_stop)
+    result = forked.wait(600)
+    assert result.codes == [143, 143], forked.read(0) + forked.read(1)
+    run = tmp_path / "elastic"
+    step = ckpt.step_of(ckpt.find_latest(run))
+    per_epoch_two = N_TRAIN // (BATCH * 2)
+    assert per_epoch_two < step < 2 * per_epoch_two, step
+
+    history = Trainer(config(tmp_path, "elastic", resume="latest"), model=make_mlp(), train_data=vectors(),
+                      eval_data=vectors(N_EVAL, seed=2)).fit()  # fmt: skip
+    assert [r["num_processes"] for r in history] == [2, 1, 1]
+    assert [r["valid_seen"] for r in history] == [N_EVAL] * EPOCHS
+    assert [r["train_samples"] for r in history] == [N_TRAIN] * EPOCHS  # the stopped epoch: every sample once
+    done_on_one = (N_TRAIN - (step - per_epoch_two) * BATCH * 2) // BATCH
+    assert history[-1]["step"] == step + done_on_one + N_TRAIN // BATCH
+    lrs = [lr for c in read_jsonl(run / "curves.jsonl") for lr in c["lr"]]
+    assert len(lrs) == history[-1]["step"]
+    assert lrs[-1] == pytest.approx(MAX_LR / 25 / 1e4, rel=1e-9)
+    assert history[-1]["valid_acc"] >= 0.9
