@@ -41,7 +41,7 @@ class SmallNet(nn.Module):
         return self.classify(self.features(x).flatten(1))
 
 
-def write_demo_folder(root: Path, per_class: int = 24) -> Path:
+def write_demo_folder(root: Path, per_class: int = 96) -> Path:
     """Three classes of 24x24 colour images (a red bar, a green square, a blue ring) with noise."""
     from PIL import Image, ImageDraw
 

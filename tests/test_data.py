@@ -103,3 +103,27 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     assert sampler_order(100, 1) == sampler_order(100, 1)
     assert sampler_order(100, 1) != sampler_order(100, 2)
     assert sorted(sampler_order(100, 1)) == list(range(100))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 8 cores are pretended
+def test_a_python_dataset_gets_workers_and_pinned_memory_on_a_gpu_only(monkeypatch):
+    """DataLoader workers help where the device waits for the host (a GPU), not on the CPU, where
+    they would take the cores training uses."""
+    from torch.utils.data import Dataset
+
+    from trainer import data
+
+    class Plain(Dataset):
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, i: int):
+            return torch.zeros(3), i % 2
+
+    monkeypatch.setattr(data, "_cores", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    on_cpu = data.make_loader(Plain(), 8, train=True, seed=0, device=torch.device("cpu"))
+    assert on_cpu.num_workers == 0 and not on_cpu.pin_memory
+    on_gpu = data.make_loader(Plain(), 8, train=True, seed=0, device=torch.device("cuda"))
+    assert on_gpu.num_workers == 3 and on_gpu.pin_memory  # 8 cores / 2 processes, one left for the loop
+    assert data.make_loader(Plain(), 8, train=True, seed=0, device=torch.device("cuda"), num_workers=0).num_workers == 0

@@ -334,3 +334,25 @@ def test_a_python_dataset_run_stopped_on_two_processes_resumes_on_one(tmp_path):
     assert len(lrs) == history[-1]["step"]
     assert lrs[-1] == pytest.approx(MAX_LR / 25 / 1e4, rel=1e-9)
     assert history[-1]["valid_acc"] >= 0.9
+
+
+class OtherMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_resuming_with_a_model_of_another_class_is_refused(tmp_path):
+    """The checkpoint records the model's class; another class is refused in one line, and the run
+    folder is left as it was."""
+    run_mlp(tmp_path, "mlp", epochs=1)
+    before = sorted(p.name for p in (tmp_path / "mlp").iterdir())
+    reset_accelerate()
+    with pytest.raises(ConfigError, match="holds a 'torch.nn.modules.container:Sequential' model") as error:
+        Trainer(config(tmp_path, "mlp", epochs=1, resume="latest"), model=OtherMLP(), train_data=vectors(),
+                eval_data=vectors(N_EVAL, seed=2))  # fmt: skip
+    assert "\n" not in str(error.value) and "OtherMLP" in str(error.value)
+    assert sorted(p.name for p in (tmp_path / "mlp").iterdir()) == before
