@@ -308,31 +308,19 @@ def make_loader(
 
     Tensors: whole-tensor batches, resident on a GPU. A Dataset: samples collated by torch's
     default, with worker processes on a GPU machine (`num_workers` None) and pinned memory."""
-    if not isinstance(data, Split):
-        sampler = EpochSampler(len(data), seed, shuffle=train)
+    sampler = EpochSampler(len(data), seed, shuffle=train)
+    if isinstance(data, Split):
+        if device.type in ("cuda", "mps"):  # 55 MB for all of MNIST: keep it resident, no copies per step
+            data = Split(data.images.to(device), data.labels.to(device))
+        # The fetch is one index op: worker processes would only add IPC.
+        dataset, kwargs = TensorImages(data, sampler), {"collate_fn": whole_batch, "num_workers": 0}
+    else:
         if num_workers is None:
             num_workers = 0 if device.type == "cpu" else min(4, max(1, _cores() // _local_processes() - 1))
-        return DataLoader(
-            PositionedDataset(data, sampler),
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=train,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,  # each epoch's workers start from the sampler's new position
-        )
-    split = data
-    if device.type in ("cuda", "mps"):  # 55 MB for all of MNIST: keep it resident, no copies per step
-        split = Split(split.images.to(device), split.labels.to(device))
-    sampler = EpochSampler(len(split.labels), seed, shuffle=train)
-    return DataLoader(
-        TensorImages(split, sampler),
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=train,
-        collate_fn=whole_batch,
-        num_workers=0,  # the fetch is one index op; worker processes only add IPC
-    )
+        # Each epoch's workers start anew, from the sampler's new position.
+        kwargs = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
+        dataset = PositionedDataset(data, sampler)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **kwargs)
 
 
 def _cores() -> int:
