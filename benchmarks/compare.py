@@ -85,7 +85,7 @@ HOST_READS = frozenset({"item", "tolist", "__float__", "__int__", "__bool__", "_
 TORCH_DIR = str(Path(torch.__file__).parent) + os.sep
 WARNINGS_FILE = warnings.__file__
 # Code that trainer and bare both run: the census does not list it as where the trainer's extra calls come from.
-SHARED_CODE = ("trainer/data.py", "trainer/model.py", "trainer/state.py", "trainer/evaluate.py", "benchmarks/")
+SHARED_CODE = ("trainer/data.py", "trainer/model.py", "trainer/state.py", "trainer/evaluation.py", "benchmarks/")
 
 
 @dataclass(frozen=True)

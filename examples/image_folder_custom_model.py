@@ -85,13 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     to_tensor = transforms.Compose([transforms.Resize((24, 24)), transforms.ToTensor()])
     train = datasets.ImageFolder(str(Path(args.path) / "train"), transform=to_tensor)
     test = datasets.ImageFolder(str(Path(args.path) / "test"), transform=to_tensor)
+    if test.classes != train.classes:  # each ImageFolder numbers the classes it finds
+        parser.error(f"test/ has the classes {test.classes}, train/ has {train.classes}")
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=64, lr=args.lr, output_dir=args.output_dir,
         run_name=Path(args.path).name, resume=args.resume, cpu=args.cpu,
     )  # fmt: skip
-    trainer = Trainer(
-        config, model=SmallNet(len(train.classes)), train_data=train, eval_data=test, class_names=train.classes
-    )
+    torch.manual_seed(config.seed)  # the model is yours to build: seed it for a repeatable run
+    model = SmallNet(len(train.classes))
+    trainer = Trainer(config, model=model, train_data=train, eval_data=test, class_names=train.classes)
     try:
         history = trainer.fit()
     except Stopped as stop:  # Ctrl-C or SIGTERM: a checkpoint was saved after the current step

@@ -329,3 +329,67 @@ def test_model_that_cannot_be_imported_is_a_one_line_error(run_main, tmp_path):
     folder = write_folder(tmp_path / "shapes", (16, 16), rgb=False)
     args = train_args(folder, tmp_path / "data", tmp_path / "out", *quick("--model", "no_such_module_here:factory"))
     one_line_error(run_main(args), "no_such_module_here")
+
+
+def test_folder_edges_hidden_files_subfolders_and_16_bit(tmp_path):
+    """What real folders hold: macOS's `._x.png` companions and `.cache/` are skipped, images in a
+    class's subfolders count (as torchvision's ImageFolder walks them), and 16-bit grey PNGs are
+    scaled to 8 bits, not clipped at 255."""
+    from trainer.data import decode_image, load_image_folder
+
+    root = write_folder(tmp_path / "edges", (16, 16), rgb=False)
+    (root / "train" / "apple" / "._00.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
+    (root / "train" / "apple" / ".cache").mkdir()
+    (root / "train" / "apple" / ".cache" / "x.png").write_bytes(b"not an image either")
+    (root / "train" / "apple" / "more").mkdir()
+    draw(0, (16, 16), False, 99).save(root / "train" / "apple" / "more" / "deep.png")
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256).astype(np.uint16)  # 0..65280
+    Image.fromarray(ramp).save(root / "test" / "mango" / "wide.png")  # mode I;16
+    train, test, names = load_image_folder(root, tmp_path / "data", None, say=lambda _: None)
+    assert names == tuple(CLASSES)
+    assert len(train) == 3 * N_TRAIN + 1 and len(test) == TEST_IMAGES + 1
+    wide = decode_image(root / "test" / "mango" / "wide.png", grey=True, size=(16, 16))
+    assert wide.flatten().tolist() == sorted(wide.flatten().tolist()) and len(set(wide.flatten().tolist())) > 200
+    assert int(wide.max()) == 254 and int(wide.min()) == 0  # PIL's own "L" conversion gives 255 for 99.6%
+
+
+def test_the_run_folder_is_the_image_folders_own_name_even_for_dot(tmp_path, monkeypatch):
+    from trainer.config import TrainConfig
+
+    (tmp_path / "pets").mkdir()
+    monkeypatch.chdir(tmp_path / "pets")
+    assert TrainConfig(dataset="imagefolder:.").name == "pets"
+    assert TrainConfig(dataset="imagefolder:../pets/").name == "pets"
+    assert TrainConfig(dataset="imagefolder:/x/_data").name == "data"
+
+
+def test_a_model_whose_outputs_do_not_match_the_folders_classes_is_refused(run_main, tmp_path, monkeypatch):
+    """--model on an image folder: 3 class folders and a network with 5 outputs is one line, exit 2."""
+    (tmp_path / "five_out.py").write_text(
+        "from torch import nn\n"
+        "def factory(num_classes, in_channels):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 16 * 16, 5))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = write_folder(tmp_path / "shapes", (16, 16), rgb=False)
+    result = run_main(train_args(folder, tmp_path / "data", tmp_path / "out", "--model", "five_out:factory"))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "3 classes" in lines[0] and "5 outputs" in lines[0]
+
+
+def test_save_inputs_writes_what_an_rgb_model_sees(tmp_path):
+    picture = torch.randint(0, 256, (3, 12, 20), dtype=torch.uint8)
+    predict.save_input(picture, tmp_path / "seen", "cat.jpg")
+    saved = np.asarray(Image.open(tmp_path / "seen" / "cat.png"))
+    assert saved.shape == (12, 20, 3) and (saved == picture.permute(1, 2, 0).numpy()).all()
+
+
+def test_a_factory_module_in_the_working_directory_imports_without_python_m(tmp_path, monkeypatch):
+    """The `trainer` console script does not put the working directory on sys.path; --model does."""
+    from trainer.model import import_factory
+
+    (tmp_path / "here_models.py").write_text("def factory(num_classes, in_channels):\n    return None\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert callable(import_factory("here_models:factory"))

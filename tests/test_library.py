@@ -3,6 +3,7 @@ counts, the exact LR schedule, signal-safe checkpoints, bitwise resume, one-line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -249,6 +250,13 @@ class Unlabelled(Dataset):
         return self.samples[index]
 
 
+class Mapped(Vectors):
+    """Samples as dicts, as some libraries return them: not the (input, label) pairs asked for."""
+
+    def __getitem__(self, index: int) -> dict:
+        return {"x": self.inputs[index], "y": self.labels[index]}
+
+
 class Squeezed(nn.Module):
     """Logits of shape [B] instead of [B, C]."""
 
@@ -264,7 +272,8 @@ class Squeezed(nn.Module):
     "case",
     ["train-without-eval", "eval-without-train", "output-not-2d", "output-too-few-classes",
      "too-few-class-names", "train-smaller-than-a-batch",
-     "label-read-beyond-the-outputs", "label-read-beyond-the-outputs-in-a-worker"],
+     "label-read-beyond-the-outputs", "label-read-beyond-the-outputs-in-a-worker", "empty-train",
+     "dict-samples", "string-label-read-in-a-worker", "uint8-images-channels-last"],
 )  # fmt: skip
 def test_bad_inputs_are_one_line_config_errors(tmp_path, case):
     """Each mistake is a ConfigError of one line, before a single epoch is logged."""
@@ -287,6 +296,18 @@ def test_bad_inputs_are_one_line_config_errors(tmp_path, case):
         kwargs["train_data"] = Unlabelled(*make_vectors(N_TRAIN, 1))
         kwargs["eval_data"] = Unlabelled(*make_vectors(N_EVAL, 2))
         settings["num_workers"] = 1 if case.endswith("worker") else 0
+    elif case == "empty-train":
+        kwargs["train_data"] = vectors(0)
+    elif case == "dict-samples":
+        kwargs["train_data"] = Mapped(*make_vectors(N_TRAIN, 1))
+    elif case == "string-label-read-in-a-worker":  # the first sample is fine; a later one is not
+        kwargs["train_data"] = Unlabelled(*make_vectors(N_TRAIN, 1))
+        kwargs["train_data"].samples[5] = (kwargs["train_data"].samples[5][0], "five")
+        settings["num_workers"] = 1
+    elif case == "uint8-images-channels-last":  # CIFAR-10's .data layout, [N, 32, 32, 3]
+        images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+        kwargs = {"train_data": TensorDataset(images, torch.arange(64) % 3),
+                  "eval_data": TensorDataset(images[:8], torch.arange(8) % 3)}  # fmt: skip
     with pytest.raises(ConfigError) as error:
         Trainer(config(tmp_path, **settings), **kwargs).fit()
     message = str(error.value)
@@ -356,3 +377,29 @@ def test_resuming_with_a_model_of_another_class_is_refused(tmp_path):
                 eval_data=vectors(N_EVAL, seed=2))  # fmt: skip
     assert "\n" not in str(error.value) and "OtherMLP" in str(error.value)
     assert sorted(p.name for p in (tmp_path / "mlp").iterdir()) == before
+
+
+class Augmented(Vectors):
+    """Adds noise from torch's global generator to every sample read, as a random augmentation does."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        inputs, label = super().__getitem__(index)
+        return inputs + 0.5 * torch.randn(FEATURES), label
+
+
+def test_a_datasets_own_randomness_does_not_depend_on_workers(tmp_path, monkeypatch):
+    """Augmentations drawn from torch's global generator give the same run with 0 or 2 workers (each
+    sample is read with the generator seeded from seed, epoch and index)."""
+    from trainer import data
+
+    def run(name: str, workers: int) -> list[dict]:
+        reset_accelerate()
+        train = Augmented(*make_vectors(N_TRAIN, 1))
+        trainer = Trainer(config(tmp_path, name, epochs=2, num_workers=workers), model=make_mlp(), train_data=train,
+                          eval_data=vectors(N_EVAL, seed=2))  # fmt: skip
+        return deterministic(trainer.fit())
+
+    assert run("w0", 0) == run("w2", 2)
+    # Negative control: without the per-sample seeding, worker processes draw other noise.
+    monkeypatch.setattr(data, "_seeded", lambda base, index: contextlib.nullcontext())
+    assert run("plain-w0", 0) != run("plain-w2", 2)

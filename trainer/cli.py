@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="trainer",
-        description="Train the blog's ResNet-style CNN on MNIST with SGD + OneCycleLR, on 1 to N processes.",
+        description="Train the blog's ResNet-style CNN (or --model) on MNIST (or --dataset, an image folder too) "
+        "with SGD + OneCycleLR, on 1 to N processes.",
         epilog="Several processes: accelerate launch [--config_file launch_configs/NAME.yaml] -m trainer ...; "
         "on a CPU-only machine: torchrun --nproc_per_node N -m trainer --cpu ...",
         formatter_class=_HelpFormatter,

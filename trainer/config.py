@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ DATASETS = ("mnist", "fashion-mnist", "kmnist")
 PRECISIONS = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_NAMES = ("blog_resnet",)  # trainer.model.MODELS, named here so the CLI needs no torch
+# `--model package.module:factory`
+FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 # The data set of a run whose data was given in Python (Trainer(..., train_data=...)).
 CUSTOM_DATA = "custom"
 
@@ -135,7 +138,7 @@ class TrainConfig:
             )
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.model not in MODEL_NAMES and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.model):
+        if self.model not in MODEL_NAMES and not FACTORY_PATTERN.fullmatch(self.model):
             raise ConfigError(
                 f"--model must be {' or '.join(MODEL_NAMES)} or package.module:factory, got {self.model!r}"
             )
@@ -151,11 +154,9 @@ class TrainConfig:
         """The run folder's name."""
         if self.run_name:
             return self.run_name
-        if self.dataset.startswith("imagefolder:"):
-            return (
-                re.sub(r"[^A-Za-z0-9._-]", "_", self.dataset.split(":", 1)[1].rstrip("/").rsplit("/", 1)[-1])
-                or "images"
-            )
+        if self.dataset.startswith("imagefolder:"):  # the folder's own name, also for `.` or `../x/`
+            folder = os.path.basename(os.path.abspath(self.dataset.split(":", 1)[1]))
+            return re.sub(r"[^A-Za-z0-9._-]", "_", folder).lstrip("._-") or "images"
         return self.dataset
 
     def recipe(self) -> dict[str, Any]:

@@ -77,6 +77,48 @@ class DataSource:
     class_names: tuple[str, ...] | None  # None: "0".."C-1", C from the model's output
     input_shape: tuple[int, ...]  # one input, e.g. (1, 28, 28)
     normalization: dict[str, float] | None  # for uint8 pixels; None: inputs go to the model as they are
+    example: Tensor | None = None  # the first training input (data given in Python)
+
+
+def user_source(train: Dataset, test: Dataset) -> DataSource:
+    """Data given in Python, checked on its first sample: (input tensor, int label) pairs; uint8
+    images channels first. The sample is read with the generators seeded and given back, so a
+    Dataset that augments does not move the run's random state."""
+    for name, data in (("train_data", train), ("eval_data", test)):
+        try:
+            size = len(data)
+        except TypeError:
+            raise DataError(f"{name} must be a map-style Dataset with a length") from None
+        if size == 0:
+            raise DataError(f"{name} is empty")
+    with _seeded(0, 0):
+        sample = train[0]
+    if not isinstance(sample, tuple | list) or len(sample) != 2:
+        raise DataError(f"train_data[0] must be an (input, label) pair, got {type(sample).__name__}")
+    try:
+        example, label = torch.as_tensor(sample[0]), int(sample[1])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"train_data[0] must be (input tensor, int label): {first_line(exc)}") from None
+    del label
+    train, test = as_split(train), as_split(test)
+    shape = input_shape_of(train) if isinstance(train, Split) else tuple(example.shape)
+    if example.dtype == torch.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4):
+        raise DataError(
+            f"uint8 images must be channels first [C, H, W]; these look like [H, W, C] {list(shape)}: permute them"
+        )
+    normalization = NORMALIZATION if example.dtype == torch.uint8 else None  # pixels are scaled as MNIST's
+    return DataSource("custom", train, test, None, shape, normalization, example)
+
+
+def named_source(dataset: str, data_dir: str | os.PathLike, image_size: tuple[int, int] | None, say: Any) -> DataSource:
+    """A built-in data set (mnist, fashion-mnist, kmnist) or `imagefolder:PATH`, as tensors."""
+    folder = image_folder_path(dataset)
+    if folder is not None:
+        train, test, names = load_image_folder(folder, data_dir, image_size, say)
+    else:
+        train, test = load_split(dataset, data_dir, train=True), load_split(dataset, data_dir, train=False)
+        names = DATASET_INFO[dataset][1]
+    return DataSource(dataset, train, test, names, input_shape_of(train), NORMALIZATION)
 
 
 def input_shape_of(data: Split | Dataset) -> tuple[int, ...]:
@@ -267,6 +309,28 @@ def check_labels(data: Split | Dataset, classes: int, split: str) -> bool:
     return True
 
 
+class _seeded:
+    """torch's (CPU) and Python's global generators seeded from (`base`, `index`) inside, and given
+    back as they were afterwards: about 20 us a sample. (numpy's would cost 80 us more; a Dataset
+    that draws from numpy's global generator is not covered.)"""
+
+    def __init__(self, base: int, index: int) -> None:
+        self.seed = (base * 2_654_435_761 + index) % (2**63)
+
+    def __enter__(self) -> None:
+        import random
+
+        self.saved = (torch.default_generator.get_state(), random.getstate())
+        torch.default_generator.manual_seed(self.seed)
+        random.seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        import random
+
+        torch.default_generator.set_state(self.saved[0])
+        random.setstate(self.saved[1])
+
+
 class PositionedDataset(Dataset):
     """A user's Dataset read in the order of an `EpochSampler`: position -> sample -> (input, label)."""
 
@@ -287,12 +351,17 @@ class PositionedDataset(Dataset):
         if self._order is None or self._order[0] != key:  # once per epoch and worker
             self._order = (key, self.sampler.order().tolist())
         index = self._order[1][position]
-        inputs, label = self.dataset[index]
-        if self.num_classes is not None and not 0 <= int(label) < self.num_classes:
-            raise DataError(
-                f"sample {index} has the label {int(label)}, outside the model's {self.num_classes} classes"
-            )
-        return inputs, int(label)
+        # The sample's own randomness (augmentations) comes from (seed, epoch, index), not from
+        # whichever worker or process reads it: the same run with any workers, processes or resume.
+        with _seeded(self.sampler.seed * 1_000_003 + self.sampler.epoch, index):
+            inputs, label = self.dataset[index]
+        try:
+            label = int(label)
+        except (TypeError, ValueError):
+            raise DataError(f"sample {index}: the label {label!r} is not an integer class") from None
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise DataError(f"sample {index} has the label {label}, outside the model's {self.num_classes} classes")
+        return inputs, label
 
 
 def make_loader(
@@ -310,7 +379,7 @@ def make_loader(
     default, with worker processes on a GPU machine (`num_workers` None) and pinned memory."""
     sampler = EpochSampler(len(data), seed, shuffle=train)
     if isinstance(data, Split):
-        if device.type in ("cuda", "mps"):  # 55 MB for all of MNIST: keep it resident, no copies per step
+        if device.type in ("cuda", "mps") and _fits_on(device, data):  # no copies per step (MNIST: 55 MB)
             data = Split(data.images.to(device), data.labels.to(device))
         # The fetch is one index op: worker processes would only add IPC.
         dataset, kwargs = TensorImages(data, sampler), {"collate_fn": whole_batch, "num_workers": 0}
@@ -321,6 +390,17 @@ def make_loader(
         kwargs = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
         dataset = PositionedDataset(data, sampler)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **kwargs)
+
+
+def _fits_on(device: torch.device, split: Split) -> bool:
+    """Whether a data set may live on the device: at most a quarter of the memory free there (on
+    MPS, which shares the host's memory and does not say, at most 2 GiB). Larger ones stay on the
+    host and accelerate copies each batch."""
+    size = split.images.nbytes + split.labels.nbytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return size <= free // 4
+    return size <= 2 << 30
 
 
 def _cores() -> int:
@@ -345,7 +425,7 @@ def to_model_input(images: Tensor, channels_last: bool = False) -> Tensor:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
 # Bump when the decoding changes: caches of another version are not reused.
-IMAGE_CACHE_VERSION = "1"
+IMAGE_CACHE_VERSION = "2"
 
 
 def image_folder_path(dataset: str) -> Path | None:
@@ -367,17 +447,33 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
     return size  # type: ignore[return-value]
 
 
-def decode_image(file: str | os.PathLike, grey: bool, size: tuple[int, int]) -> Tensor:
-    """An image file as uint8 [H, W] (grey) or [3, H, W], resized to `size` (H, W) if it differs.
-    Training, evaluate and predict all decode through here, so the model sees the same pixels."""
-    import numpy as np
+def _opened(file: str | os.PathLike) -> Any:
+    """PIL's image of `file` (a context manager); whatever PIL refuses is a one-line DataError."""
     from PIL import Image
 
     try:
-        with Image.open(file) as opened:
-            image = opened.convert("L" if grey else "RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return Image.open(file)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+
+
+def decode_image(file: str | os.PathLike, grey: bool, size: tuple[int, int]) -> Tensor:
+    """An image file as uint8 [H, W] (grey) or [3, H, W], resized to `size` (H, W) if it differs.
+    Training, evaluate and predict all decode through here, so the model sees the same pixels.
+    16-bit grey images are scaled to 8 bits (PIL's own conversion would clip them at 255)."""
+    import numpy as np
+    from PIL import Image
+
+    with _opened(file) as opened:
+        try:
+            if opened.mode.startswith("I"):  # I;16 and friends: 0-65535
+                wide = np.asarray(opened, dtype=np.float64) * (255.0 / 65535.0)
+                image = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8), mode="L")
+                image = image if grey else image.convert("RGB")
+            else:
+                image = opened.convert("L" if grey else "RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
@@ -385,8 +481,9 @@ def decode_image(file: str | os.PathLike, grey: bool, size: tuple[int, int]) -> 
 
 
 def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
-    """ImageFolder's layout: folder/<class>/<image>. The classes are sorted by name (those of the
-    training split when `classes` is given); the images of a class by file name."""
+    """ImageFolder's layout: folder/<class>/<image> (or deeper). The classes are sorted by name
+    (those of the training split when `classes` is given); the images of a class by path. Hidden
+    files and folders (a name starting with ".") are skipped."""
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -399,8 +496,10 @@ def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], li
         (f, k)
         for k, name in enumerate(classes)
         if (folder / name).is_dir()
-        for f in sorted((folder / name).iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+        for f in sorted((folder / name).rglob("*"))  # subfolders of a class too, as ImageFolder walks them
+        if f.suffix.lower() in IMAGE_SUFFIXES
+        and f.is_file()
+        and not any(part.startswith(".") for part in f.relative_to(folder / name).parts)  # ._x.png, .cache/
     ]
     if not classes or not files:
         raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>.png)")
@@ -423,8 +522,6 @@ def load_image_folder(
     contents and the size, so the next run (of any name, from any folder) skips the decoding."""
     import hashlib
 
-    from PIL import Image
-
     train_dir, test_dir = image_folder_splits(root)
     classes, train_files = _image_files(train_dir, None)
     _, test_files = _image_files(test_dir, classes)
@@ -435,7 +532,7 @@ def load_image_folder(
                 content = file.read_bytes()
             except OSError as exc:
                 raise DataError(f"cannot read {file}: {exc.strerror or exc}") from None
-            key.update(f"{split}/{label}/{file.name}/{len(content)}:".encode())
+            key.update(f"{split}/{label}/{file.relative_to(root).as_posix()}/{len(content)}:".encode())
             key.update(hashlib.sha256(content).digest())
     cache = Path(data_dir) / "imagefolder" / f"{root.name}-{key.hexdigest()[:20]}.safetensors"
     count = len(train_files) + len(test_files)
@@ -454,11 +551,8 @@ def load_image_folder(
             pass
     grey, size = True, image_size or _size_of(train_files[0][0])
     for file, _ in (*train_files, *test_files):  # headers only: cheap
-        try:
-            with Image.open(file) as opened:
-                grey = grey and (opened.mode in GREY_MODES or (opened.mode == "P" and grey_palette(opened)))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+        with _opened(file) as opened:
+            grey = grey and (opened.mode in GREY_MODES or (opened.mode == "P" and grey_palette(opened)))
     splits = []
     for files in (train_files, test_files):
         images = torch.stack([decode_image(f, grey, size) for f, _ in files])
@@ -469,13 +563,8 @@ def load_image_folder(
 
 
 def _size_of(file: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(file) as opened:
-            return opened.size[1], opened.size[0]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+    with _opened(file) as opened:
+        return opened.size[1], opened.size[0]
 
 
 def grey_palette(image: Any) -> bool:

@@ -29,22 +29,17 @@ from trainer import runtime, state
 from trainer.config import CUSTOM_DATA, ConfigError, TrainConfig
 from trainer.console import Reporter
 from trainer.data import (
-    DATASET_INFO,
-    NORMALIZATION,
-    DataSource,
-    as_split,
     check_labels,
     image_folder_path,
-    input_shape_of,
-    load_image_folder,
-    load_split,
     make_loader,
+    named_source,
     parse_image_size,
     readable_labels,
     to_model_input,
+    user_source,
 )
 from trainer.evaluation import EvalResult, evaluate_model
-from trainer.model import MODELS, build_model
+from trainer.model import MODELS, build_model, import_factory
 from trainer.runlog import RunLog
 
 # With several processes, a stop request is agreed on (one tiny all-reduce) every this many steps.
@@ -105,6 +100,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(config.seed)
+        if model is None and config.model not in MODELS:
+            import_factory(config.model)  # a --model that cannot be imported fails before any data is read
         self._setup_data(train_data, eval_data)
         self._setup_model(model, class_names)
         self._setup_optimizer()
@@ -143,13 +140,7 @@ class Trainer:
 
     def _setup_data(self, train_data: Dataset | None, eval_data: Dataset | None) -> None:
         cfg, acc = self.config, self.accelerator
-        if train_data is not None:
-            first = torch.as_tensor(train_data[0][0])
-            normalization = NORMALIZATION if first.dtype == torch.uint8 else None  # pixels are scaled as MNIST's
-            train, test = as_split(train_data), as_split(eval_data)
-            self.data = DataSource(CUSTOM_DATA, train, test, None, input_shape_of(train), normalization)
-        else:
-            self.data = self._load_data()
+        self.data = user_source(train_data, eval_data) if train_data is not None else self._load_data()
         self.train_size, self.test_size = len(self.data.train), len(self.data.test)
         if self.test_size == 0:
             raise ConfigError("the evaluation data is empty")
@@ -167,23 +158,15 @@ class Trainer:
         self.train_sampler = self.train_loader.sampler
         self.eval_sampler = self.eval_loader.sampler
 
-    def _load_data(self) -> DataSource:
+    def _load_data(self) -> Any:
         """A built-in data set or an image folder, read by one process per machine first (it
         downloads or decodes; the others then read its files). A failure on one machine stops all."""
         cfg, acc = self.config, self.accelerator
-        folder = image_folder_path(cfg.dataset)
         error, source = None, None
         with acc.local_main_process_first():
             try:
-                if folder is not None:
-                    say = self.report.line if acc.is_local_main_process else (lambda _: None)
-                    train, test, names = load_image_folder(folder, cfg.data_dir, parse_image_size(cfg.image_size), say)
-                    normalization = NORMALIZATION
-                else:
-                    train = load_split(cfg.dataset, cfg.data_dir, train=True)
-                    test = load_split(cfg.dataset, cfg.data_dir, train=False)
-                    names, normalization = DATASET_INFO[cfg.dataset][1], NORMALIZATION
-                source = DataSource(cfg.dataset, train, test, names, input_shape_of(train), normalization)
+                say = self.report.line if acc.is_local_main_process else (lambda _: None)
+                source = named_source(cfg.dataset, cfg.data_dir, parse_image_size(cfg.image_size), say)
             except ConfigError as exc:  # data missing on one machine must stop the others too
                 error = exc
         runtime.agree(error, f"load the {cfg.dataset} data")
@@ -199,22 +182,23 @@ class Trainer:
                 labels = [readable_labels(d) for d in (self.data.train, self.data.test)]
                 if any(t is None for t in labels):
                     raise ConfigError(
-                        "the default network needs to know the classes: pass class_names=, or model=, or data "
-                        "whose labels can be read (tensors, or a Dataset with `targets`)"
+                        f"{cfg.model} needs to know how many classes there are: pass class_names=, or model=, or "
+                        "data whose labels can be read (tensors, or a Dataset with `targets`)"
                     )
                 names = tuple(str(k) for k in range(int(max(t.max() for t in labels if len(t))) + 1))
-            image = tuple(shape[1:]) if len(shape) == 3 else (28, 28)
-            model = build_model(cfg.model, num_classes=len(names), in_channels=shape[0], image_size=image)
+            model = build_model(cfg.model, len(names), shape)
             builtin = self.factory is None
         else:
             builtin = False
         # What the checkpoint says the model is: a built-in name, else its class (module:qualname).
         self.architecture = cfg.model if builtin else f"{type(model).__module__}:{type(model).__qualname__}"
-        if self.data.class_names is None:  # data given in Python: the model says how many classes
+        if not builtin or self.data.class_names is None:  # the model says how many classes it tells apart
             classes = self._probe_classes(model)
             names = names or tuple(str(k) for k in range(classes))
             if len(names) != classes:
-                raise ConfigError(f"{len(names)} class_names for a model with {classes} outputs")
+                raise ConfigError(
+                    f"{len(names)} classes ({', '.join(names[:4])}, ...) for a model with {classes} outputs"
+                )
             self.data = dataclasses.replace(self.data, class_names=names)
         self.class_names = self.data.class_names
         for split, data, loader in (("training", self.data.train, self.train_loader),
@@ -227,7 +211,7 @@ class Trainer:
 
     def _probe_classes(self, model: nn.Module) -> int:
         """The model's output width for one training input (in eval mode: BatchNorm's statistics stay)."""
-        inputs, _ = self.data.train[0]
+        inputs = self.data.example if self.data.example is not None else self.data.train[0][0]
         was_training = model.training
         model.eval()
         try:

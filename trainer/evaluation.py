@@ -97,9 +97,10 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
     if model_spec is None and architecture not in MODELS:
         if not architecture or ":" not in architecture:
             raise ckpt.CheckpointError(f"{path}: unknown architecture {architecture!r} (known: {', '.join(MODELS)})")
+        built = f"--model {meta['factory']}" if meta.get("factory") else "--model package.module:factory"
         raise ConfigError(
-            f"{path} holds a {architecture} model, which is not built in: pass --model package.module:factory "
-            "to rebuild it (code is never imported because a checkpoint names it)"
+            f"{path} holds a {architecture} model, which is not built in: pass {built} to rebuild it "
+            "(code is never imported because a checkpoint names it)"
         )
     if dataset not in DATASET_INFO and not str(dataset).startswith("imagefolder:") and dataset != CUSTOM_DATA:
         raise ckpt.CheckpointError(f"{path}: unknown data set {dataset!r} (known: {', '.join(DATASET_INFO)})")
@@ -120,8 +121,7 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
         raise ckpt.CheckpointError(f"{path}: {len(class_names)} class names for {num_classes} classes")
     if normalization is not None and (normalization["divide_by"] <= 0 or normalization["std"] <= 0):
         raise ckpt.CheckpointError(f"{path}: invalid normalization {normalization}")
-    image = tuple(input_shape[1:]) if len(input_shape) == 3 else (28, 28)
-    model = build_model(model_spec or architecture, num_classes, in_channels=input_shape[0], image_size=image)
+    model = build_model(model_spec or architecture, num_classes, input_shape)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

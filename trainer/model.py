@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import re
+import os
+import sys
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from trainer.config import FACTORY_PATTERN
 from trainer.errors import ConfigError, first_line
-
-# `--model package.module:factory`
-FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -72,6 +71,8 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     if not FACTORY_PATTERN.fullmatch(spec):
         raise ConfigError(f"--model must be {' or '.join(MODELS)} or package.module:factory, got {spec!r}")
     module_name, attribute = spec.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does; the `trainer` console script does not
     try:
         target = importlib.import_module(module_name)
         for part in attribute.split("."):
@@ -83,13 +84,13 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     return target
 
 
-def build_model(
-    name: str, num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)
-) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)) -> nn.Module:
     """A built-in architecture by name, or `factory(num_classes=..., in_channels=...)` of a
-    `module:factory` spec."""
+    `module:factory` spec, for inputs of `input_shape` ([C, H, W]; other shapes: C is the first)."""
+    in_channels = input_shape[0] if input_shape else 1
     if name in MODELS:
-        return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+        image = tuple(input_shape[1:]) if len(input_shape) == 3 else (28, 28)
+        return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image)
     factory = import_factory(name)
     try:
         model = factory(num_classes=num_classes, in_channels=in_channels)

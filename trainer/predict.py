@@ -1,10 +1,13 @@
 """`python -m trainer.predict CHECKPOINT IMAGE...`: the class of each image, with its probability.
 
-Images of any size and mode are brought into the checkpoint's input format the way MNIST's
-digits were made: grey, white ink on black, the ink's bounding box scaled to fit a 20x20 box
-keeping its aspect ratio, then pasted into 28x28 with its centre of mass in the middle. An image
-that already has the input size is only made grey (and inverted when it is dark on light), so a
-test image saved as PNG gets exactly the prediction `trainer.evaluate` counted for it.
+For MNIST and its siblings, images of any size and mode are brought into the input format the
+way MNIST's digits were made: white ink on black, the ink's bounding box scaled to fit a 20x20
+box keeping its aspect ratio, then pasted into 28x28 with its centre of mass in the middle. An
+image that already has the input size is only made grey (and inverted when it is dark on light),
+so a test image saved as PNG gets exactly the prediction `trainer.evaluate` counted for it.
+
+For a model trained on an image folder, each image is decoded as the folder's images were
+(`trainer.data.decode_image`: grey or RGB, resized to the input size); --invert does not apply.
 """
 
 from __future__ import annotations
@@ -208,15 +211,17 @@ def to_mnist(image: Tensor, invert: str = "auto") -> Tensor:
 
 
 def save_input(image: Tensor, folder: str | os.PathLike, source: str | os.PathLike) -> None:
-    """Writes the model's input for `source` as a 28x28 grey PNG in `folder`."""
+    """Writes the model's input for `source` as a PNG in `folder` (grey, or RGB for [3, H, W])."""
     from pathlib import Path
 
     from PIL import Image
 
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        pixels = image.clamp(0, 255).round().to(torch.uint8).numpy()
-        Image.fromarray(pixels, mode="L").save(Path(folder) / f"{Path(source).stem}.png")
+        pixels = image.float().clamp(0, 255).round().to(torch.uint8)
+        rgb = pixels.dim() == 3
+        picture = Image.fromarray((pixels.permute(1, 2, 0) if rgb else pixels).numpy(), mode="RGB" if rgb else "L")
+        picture.save(Path(folder) / f"{Path(source).stem}.png")
     except OSError as exc:
         raise ImageError(f"--save-inputs {folder}: {exc.strerror or exc}") from None
 
@@ -264,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--save-inputs", metavar="DIR", default=None,
-        help="also write the 28x28 image the model sees for each input, as DIR/<name>.png (to see what went wrong)",
+        help="also write the image the model sees for each input, as DIR/<name>.png (to see what went wrong)",
     )  # fmt: skip
     from trainer.errors import add_json_flag
 

@@ -223,10 +223,10 @@ def make_accelerator(config: TrainConfig) -> Any:
         precision = kwargs.get("mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         if precision == "fp16":
             raise ConfigError("fp16 mixed precision needs a GPU; on the CPU use --mixed-precision bf16 or no")
+    cuda = torch.cuda.is_available() and not device_is_cpu
     if config.compile:
         from accelerate.utils import TorchDynamoPlugin
 
-        cuda = torch.cuda.is_available() and not device_is_cpu
         mode = config.compile_mode or ("reduce-overhead" if cuda else "default")
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=mode)
     if config.trackers:
@@ -240,7 +240,9 @@ def make_accelerator(config: TrainConfig) -> Any:
             cpu=config.cpu,
             # Our sampler derives each epoch's order from (seed, epoch): no RNG needs syncing per epoch.
             rng_types=[],
-            dataloader_config=DataLoaderConfiguration(even_batches=True),
+            # Batches of a Dataset come from pinned memory on CUDA: copy them without blocking the host
+            # (never on MPS, where a non-blocking copy of pageable memory can read it after it is freed).
+            dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=cuda),
             **kwargs,
         )
     except ValueError as exc:  # accelerate's own refusal of a precision/device pair
@@ -282,9 +284,9 @@ class StopSignals:
         return self
 
     def _presses(self) -> int:
+        """SIGINTs delivered since the last look (each wrote its number to the wakeup socket)."""
         import signal
 
-        """SIGINTs delivered since the last look (each wrote its number to the wakeup socket)."""
         if self._wakeup is None:
             return 0
         count = 0
