@@ -345,7 +345,7 @@ def test_folder_edges_hidden_files_subfolders_and_16_bit(tmp_path):
     draw(0, (16, 16), False, 99).save(root / "train" / "apple" / "more" / "deep.png")
     ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256).astype(np.uint16)  # 0..65280
     Image.fromarray(ramp).save(root / "test" / "mango" / "wide.png")  # mode I;16
-    train, test, names = load_image_folder(root, tmp_path / "data", None, say=lambda _: None)
+    train, test, names, _ = load_image_folder(root, tmp_path / "data", None, say=lambda _: None)
     assert names == tuple(CLASSES)
     assert len(train) == 3 * N_TRAIN + 1 and len(test) == TEST_IMAGES + 1
     wide = decode_image(root / "test" / "mango" / "wide.png", grey=True, size=(16, 16))
@@ -393,3 +393,26 @@ def test_a_factory_module_in_the_working_directory_imports_without_python_m(tmp_
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert callable(import_factory("here_models:factory"))
+
+
+def test_a_moved_folder_resumes_and_a_changed_one_is_refused(run_main, tmp_path):
+    """An image folder is its contents: moved elsewhere, its run resumes; changed in place, the
+    resume is refused in one line (the run would otherwise go on with other data)."""
+    folder = write_folder(tmp_path / "shapes", (16, 16), rgb=False)
+    data, out = tmp_path / "data", tmp_path / "out"
+    assert run_main(train_args(folder, data, out, "--epochs", "2", "--limit-train-batches", "2")).returncode == 0
+    moved = tmp_path / "elsewhere" / "shapes"
+    moved.parent.mkdir()
+    shutil.move(folder, moved)
+    resumed = run_main(
+        train_args(moved, data, out, "--epochs", "2", "--limit-train-batches", "2", "--resume", "latest")
+    )
+    assert resumed.returncode == 0 and "run already complete" in resumed.stdout, resumed.stderr
+
+    draw(1, (16, 16), False, 12345).save(moved / "train" / "apple" / "00.png")  # another image, same name
+    changed = run_main(
+        train_args(moved, data, out, "--epochs", "2", "--limit-train-batches", "2", "--resume", "latest")
+    )
+    assert changed.returncode == 2
+    lines = [line for line in changed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "other images" in lines[0], changed.stderr

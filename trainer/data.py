@@ -78,6 +78,7 @@ class DataSource:
     input_shape: tuple[int, ...]  # one input, e.g. (1, 28, 28)
     normalization: dict[str, float] | None  # for uint8 pixels; None: inputs go to the model as they are
     example: Tensor | None = None  # the first training input (data given in Python)
+    digest: str | None = None  # an image folder's contents (its cache key)
 
 
 def user_source(train: Dataset, test: Dataset) -> DataSource:
@@ -114,11 +115,10 @@ def named_source(dataset: str, data_dir: str | os.PathLike, image_size: tuple[in
     """A built-in data set (mnist, fashion-mnist, kmnist) or `imagefolder:PATH`, as tensors."""
     folder = image_folder_path(dataset)
     if folder is not None:
-        train, test, names = load_image_folder(folder, data_dir, image_size, say)
-    else:
-        train, test = load_split(dataset, data_dir, train=True), load_split(dataset, data_dir, train=False)
-        names = DATASET_INFO[dataset][1]
-    return DataSource(dataset, train, test, names, input_shape_of(train), NORMALIZATION)
+        train, test, names, digest = load_image_folder(folder, data_dir, image_size, say)
+        return DataSource(dataset, train, test, names, input_shape_of(train), NORMALIZATION, digest=digest)
+    train, test = load_split(dataset, data_dir, train=True), load_split(dataset, data_dir, train=False)
+    return DataSource(dataset, train, test, DATASET_INFO[dataset][1], input_shape_of(train), NORMALIZATION)
 
 
 def input_shape_of(data: Split | Dataset) -> tuple[int, ...]:
@@ -516,10 +516,11 @@ def image_folder_splits(root: Path) -> tuple[Path, Path]:
 
 def load_image_folder(
     root: Path, data_dir: str | os.PathLike, image_size: tuple[int, int] | None, say: Any = print
-) -> tuple[Split, Split, tuple[str, ...]]:
+) -> tuple[Split, Split, tuple[str, ...], str]:
     """Both splits of an image folder as uint8 tensors: grey when every image is, RGB otherwise, at
     the first image's size unless `image_size`. Cached in data_dir/imagefolder/, keyed by the files'
-    contents and the size, so the next run (of any name, from any folder) skips the decoding."""
+    contents and the size, so the next run (of any name, from any folder) skips the decoding.
+    Returns the splits, the class names and that key (what the folder is, wherever it lies)."""
     import hashlib
 
     train_dir, test_dir = image_folder_splits(root)
@@ -546,6 +547,7 @@ def load_image_folder(
                 Split(tensors["train_images"], tensors["train_labels"]),
                 Split(tensors["test_images"], tensors["test_labels"]),
                 tuple(classes),
+                key.hexdigest(),
             )
         except Exception:  # noqa: BLE001 (a damaged cache is decoded again and replaced)
             pass
@@ -559,7 +561,7 @@ def load_image_folder(
         splits.append(Split(images, torch.tensor([k for _, k in files], dtype=torch.int64)))
     _write_cache(cache, splits, root)
     say(f"images: decoded {count} from {root} ({'grey' if grey else 'RGB'}, {size[0]}x{size[1]}), cached in {cache}")
-    return splits[0], splits[1], tuple(classes)
+    return splits[0], splits[1], tuple(classes), key.hexdigest()
 
 
 def _size_of(file: Path) -> tuple[int, int]:

@@ -566,7 +566,8 @@ class Trainer:
         if acc.is_main_process:
             try:
                 extra = {"world_size": self.num_processes, "mixed_precision": acc.mixed_precision,
-                         "history": self.log.history, "curves": self.log.curves}  # fmt: skip
+                         "history": self.log.history, "curves": self.log.curves,
+                         "data_digest": self.data.digest}  # fmt: skip
                 contents = state.contents(self._parts(), pos, self.config, self._metadata(), rng, progress, extra)
                 folder = ckpt.save(self.run_dir, pos.step, contents)
                 self._after_save(folder, best_candidate)
@@ -604,7 +605,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         loaded = ckpt.load(folder)
         saved = loaded.state
-        state.check_recipe(folder, saved["config"], cfg)
+        state.check_recipe(folder, saved["config"], cfg, (saved.get("data_digest"), self.data.digest))
         if loaded.model_metadata.get("architecture") != self.architecture:
             raise ConfigError(
                 f"{folder / ckpt.MODEL_NAME} holds a {loaded.model_metadata.get('architecture')!r} model, "

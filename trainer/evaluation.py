@@ -155,7 +155,7 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None) -> Any:
     if folder is not None:
         # The size as training asked for it (the cache is keyed by it), else the model's input size.
         size = parse_image_size(recorded["image_size"]) if "image_size" in recorded else tuple(loaded.input_shape[1:])
-        _, test, names = load_image_folder(folder, data_dir, size, say=lambda _: None)
+        _, test, names, _ = load_image_folder(folder, data_dir, size, say=lambda _: None)
         if names != loaded.class_names:
             raise ConfigError(f"{folder} now holds the classes {', '.join(names)}, not the checkpoint's")
         return test

@@ -112,9 +112,20 @@ def contents(
     return ckpt.CheckpointContents(parts.model.state_dict(), metadata, optimizer_tensors, rng, progress, state)
 
 
-def check_recipe(folder: Path, saved: dict[str, Any], config: TrainConfig) -> None:
-    """A resumed run keeps its recipe: every recipe field must match the checkpoint's."""
+def check_recipe(
+    folder: Path, saved: dict[str, Any], config: TrainConfig, digests: tuple[str | None, str | None] = (None, None)
+) -> None:
+    """A resumed run keeps its recipe: every recipe field must match the checkpoint's. An image
+    folder is the same data set when its contents are (`digests`: the checkpoint's and this run's),
+    wherever it lies now; at the same path with other contents, it is not."""
     defaults = TrainConfig()
+    if all(digests):
+        if digests[0] != digests[1]:
+            raise ConfigError(
+                f"checkpoint {folder} was trained on other images than {config.dataset.split(':', 1)[1]} holds "
+                "now; a resumed run keeps its data (train a new run on the changed folder)"
+            )
+        saved = {**saved, "dataset": config.dataset}  # moved, with the same contents: fine
     for name in RECIPE_CHECKED:
         then, now = saved.get(name, getattr(defaults, name)), getattr(config, name)
         if then != now:
