@@ -335,7 +335,7 @@ def test_folder_edges_hidden_files_subfolders_and_16_bit(tmp_path):
     """What real folders hold: macOS's `._x.png` companions and `.cache/` are skipped, images in a
     class's subfolders count (as torchvision's ImageFolder walks them), and 16-bit grey PNGs are
     scaled to 8 bits, not clipped at 255."""
-    from trainer.data import decode_image, load_image_folder
+    from trainer.imagefolder import decode_image, load_image_folder
 
     root = write_folder(tmp_path / "edges", (16, 16), rgb=False)
     (root / "train" / "apple" / "._00.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
@@ -347,7 +347,7 @@ def test_folder_edges_hidden_files_subfolders_and_16_bit(tmp_path):
     Image.fromarray(ramp).save(root / "test" / "mango" / "wide.png")  # mode I;16
     train, test, names, _ = load_image_folder(root, tmp_path / "data", None, say=lambda _: None)
     assert names == tuple(CLASSES)
-    assert len(train) == 3 * N_TRAIN + 1 and len(test) == TEST_IMAGES + 1
+    assert len(train[1]) == 3 * N_TRAIN + 1 and len(test[1]) == TEST_IMAGES + 1
     wide = decode_image(root / "test" / "mango" / "wide.png", grey=True, size=(16, 16))
     assert wide.flatten().tolist() == sorted(wide.flatten().tolist()) and len(set(wide.flatten().tolist())) > 200
     assert int(wide.max()) == 254 and int(wide.min()) == 0  # PIL's own "L" conversion gives 255 for 99.6%

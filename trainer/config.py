@@ -163,6 +163,26 @@ class TrainConfig:
         """The fields that decide the numbers, for comparing a run with its checkpoint."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["group"] == "recipe"}
 
+    def placed(self, custom_data: bool = False) -> TrainConfig:
+        """This config with absolute paths (a resume never depends on the working directory); when
+        it resumes a checkpoint by path without naming a run, that checkpoint's own run folder."""
+        changes: dict[str, Any] = {
+            "data_dir": os.path.abspath(self.data_dir),
+            "output_dir": os.path.abspath(self.output_dir),
+        }
+        if custom_data:
+            changes["dataset"] = CUSTOM_DATA
+        elif self.dataset.startswith("imagefolder:"):
+            changes["dataset"] = "imagefolder:" + os.path.abspath(self.dataset.split(":", 1)[1])
+            changes["run_name"] = self.name
+        if self.resume not in (None, "latest") and self.run_name is None:
+            checkpoint = os.path.abspath(self.resume)
+            if os.path.basename(checkpoint) == "model.safetensors":
+                checkpoint = os.path.dirname(checkpoint)
+            run = os.path.dirname(checkpoint)
+            changes.update(output_dir=os.path.dirname(run), run_name=os.path.basename(run))
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -11,7 +11,6 @@ signals in `runtime.py`; the run's logs in `runlog.py`; folders on disk in `chec
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import signal
@@ -30,16 +29,15 @@ from trainer.config import CUSTOM_DATA, ConfigError, TrainConfig
 from trainer.console import Reporter
 from trainer.data import (
     check_labels,
-    image_folder_path,
     make_loader,
     named_source,
-    parse_image_size,
     readable_labels,
     to_model_input,
     user_source,
 )
 from trainer.evaluation import EvalResult, evaluate_model
-from trainer.model import MODELS, build_model, import_factory
+from trainer.imagefolder import parse_image_size
+from trainer.model import MODELS, build_model, import_factory, output_classes
 from trainer.runlog import RunLog
 
 # With several processes, a stop request is agreed on (one tiny all-reduce) every this many steps.
@@ -84,7 +82,7 @@ class Trainer:
             raise ConfigError("class_names go with train_data; a built-in data set has its own")
         if train_data is None and config.dataset == CUSTOM_DATA:
             raise ConfigError(f"--dataset {CUSTOM_DATA} means data given in Python (Trainer(train_data=...))")
-        self.config = config = _placed(config, custom_data=train_data is not None)
+        self.config = config = config.placed(custom_data=train_data is not None)
         runtime.launcher_argv()  # noted now, while the launcher lives (for the printed resume command)
         self.accelerator = accelerator or runtime.make_accelerator(config)
         self.threads: tuple[int, str] | None = None
@@ -193,7 +191,8 @@ class Trainer:
         # What the checkpoint says the model is: a built-in name, else its class (module:qualname).
         self.architecture = cfg.model if builtin else f"{type(model).__module__}:{type(model).__qualname__}"
         if not builtin or self.data.class_names is None:  # the model says how many classes it tells apart
-            classes = self._probe_classes(model)
+            example = self.data.example if self.data.example is not None else self.data.train[0][0]
+            classes = output_classes(model, to_model_input(torch.as_tensor(example).unsqueeze(0)))
             names = names or tuple(str(k) for k in range(classes))
             if len(names) != classes:
                 raise ConfigError(
@@ -208,25 +207,6 @@ class Trainer:
         self.model = model
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-
-    def _probe_classes(self, model: nn.Module) -> int:
-        """The model's output width for one training input (in eval mode: BatchNorm's statistics stay)."""
-        inputs = self.data.example if self.data.example is not None else self.data.train[0][0]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                logits = model(to_model_input(torch.as_tensor(inputs).unsqueeze(0)))
-        except Exception as exc:  # noqa: BLE001 (the user's model and data do not fit: say so in one line)
-            raise ConfigError(
-                f"the model cannot take one training input of shape {self.data.input_shape}: {exc}"
-            ) from None
-        finally:
-            model.train(was_training)
-        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
-            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ConfigError(f"the model must return logits [batch, classes]; for a batch of 1 it returned {got}")
-        return logits.shape[1]
 
     def _setup_optimizer(self) -> None:
         cfg = self.config
@@ -528,26 +508,6 @@ class Trainer:
         gain an `_orig_mod.` prefix), so checkpoints are the same with and without --compile."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    def _metadata(self) -> dict[str, str]:
-        """model.safetensors' metadata: what evaluate and predict need to rebuild and feed the model."""
-        from trainer import __version__
-
-        last = self.history[-1] if self.history else {}
-        return {
-            "format": "pt",
-            "trainer_version": __version__,
-            "architecture": self.architecture,
-            **({"factory": self.factory} if self.factory else {}),
-            "dataset": self.data.name,
-            "num_classes": str(len(self.class_names)),
-            "class_names": json.dumps(self.class_names),
-            "normalization": json.dumps(self.data.normalization or {}),
-            "input_shape": json.dumps(list(self.data.input_shape)),
-            "epoch": str(self.position.epoch),
-            "step": str(self.position.step),
-            "valid_acc": "" if not last else repr(last["valid_acc"]),
-        }
-
     def _save(self, best_candidate: bool) -> None:
         """Every process calls this: gathers what only it knows, the main process writes, all wait."""
         acc, pos = self.accelerator, self.position
@@ -568,7 +528,8 @@ class Trainer:
                 extra = {"world_size": self.num_processes, "mixed_precision": acc.mixed_precision,
                          "history": self.log.history, "curves": self.log.curves,
                          "data_digest": self.data.digest}  # fmt: skip
-                contents = state.contents(self._parts(), pos, self.config, self._metadata(), rng, progress, extra)
+                metadata = state.model_metadata(self.architecture, self.factory, self.data, pos, self.history)
+                contents = state.contents(self._parts(), pos, self.config, metadata, rng, progress, extra)
                 folder = ckpt.save(self.run_dir, pos.step, contents)
                 self._after_save(folder, best_candidate)
             except ckpt.SaveError as exc:
@@ -611,7 +572,8 @@ class Trainer:
                 f"{folder / ckpt.MODEL_NAME} holds a {loaded.model_metadata.get('architecture')!r} model, "
                 f"this run builds {self.architecture!r}"
             )
-        self._check_precision(folder, saved.get("mixed_precision", "no"))
+        chosen = cfg.mixed_precision is not None  # on the command line, not from accelerate's config
+        state.check_precision(folder, saved.get("mixed_precision", "no"), acc.mixed_precision, chosen, self.report.warn)
         self.position = state.restore(folder, loaded, self._parts(), acc.process_index)
         state.restore_epoch_stats(self.position, loaded, self.steps_per_epoch, self.num_processes,
                                   acc.process_index, acc.device)  # fmt: skip
@@ -636,22 +598,6 @@ class Trainer:
         if self.position.epoch < cfg.epochs:
             self.report.line(f"resumed from {folder} (step {self.position.step})")
 
-    def _check_precision(self, folder: Path, saved: str) -> None:
-        """A resumed run keeps its precision, unless --mixed-precision asks for another one (a warning)."""
-        now = self.accelerator.mixed_precision
-        if now == saved:
-            return
-        if self.config.mixed_precision is None:  # from accelerate's config or environment: not chosen here
-            raise ConfigError(
-                f"checkpoint {folder} was trained in {saved} precision, and this launch would resume it in {now} "
-                f"(accelerate's config or ACCELERATE_MIXED_PRECISION); launch it as it was started (the printed "
-                f"resume command does), or pass --mixed-precision {now} to change precision on purpose"
-            )
-        self.report.warn(
-            f"resuming a checkpoint trained in {saved} with --mixed-precision {now}: the run will not equal an "
-            "unbroken one"
-        )
-
 
 class _LossProbe:
     """The latest loss for the progress bar, read without making the host wait for the device."""
@@ -672,25 +618,3 @@ class _LossProbe:
                 self.event.record()
             self.pending = True
         return self.last
-
-
-def _placed(config: TrainConfig, custom_data: bool = False) -> TrainConfig:
-    """The config with absolute paths (a resume never depends on the working directory), and, when
-    it resumes a checkpoint by path without naming a run, that checkpoint's own run folder."""
-    changes: dict[str, Any] = {
-        "data_dir": str(Path(config.data_dir).absolute()),
-        "output_dir": str(Path(config.output_dir).absolute()),
-    }
-    if custom_data:
-        changes["dataset"] = CUSTOM_DATA
-    folder = image_folder_path(config.dataset)
-    if folder is not None and not custom_data:
-        changes["dataset"] = f"imagefolder:{folder.absolute()}"
-        if config.run_name is None:
-            changes["run_name"] = config.name
-    if config.resume not in (None, "latest") and config.run_name is None:
-        checkpoint = Path(config.resume)
-        checkpoint = checkpoint.parent if checkpoint.name == ckpt.MODEL_NAME else checkpoint
-        run = checkpoint.absolute().parent
-        changes.update(output_dir=str(run.parent), run_name=run.name)
-    return dataclasses.replace(config, **changes)

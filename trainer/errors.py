@@ -18,6 +18,17 @@ class ConfigError(ValueError):
     """A user error in the run's configuration or data: reported as one line, exit code 2."""
 
 
+class DataError(ConfigError):
+    """Missing or unreadable data: a user error, reported in one line."""
+
+    def __init__(self, message: str) -> None:
+        # Raised in a DataLoader worker, it comes back as DataError("Caught DataError in DataLoader
+        # worker process 0.\nOriginal Traceback ...\ntrainer.data.DataError: <message>"): keep the message.
+        if message.startswith("Caught DataError"):
+            message = message.strip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line, for one-line user errors."""
     text = str(exc).strip()

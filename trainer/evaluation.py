@@ -143,7 +143,8 @@ def recorded_config(loaded: LoadedModel) -> dict[str, Any]:
 
 def load_test_split(loaded: LoadedModel, data_dir: str | None) -> Any:
     """The test split the checkpoint's model was evaluated on in training."""
-    from trainer.data import image_folder_path, load_image_folder, parse_image_size
+    from trainer.data import Split
+    from trainer.imagefolder import image_folder_path, load_image_folder, parse_image_size
 
     recorded = recorded_config(loaded)
     data_dir = data_dir or recorded.get("data_dir") or "./data"
@@ -155,10 +156,10 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None) -> Any:
     if folder is not None:
         # The size as training asked for it (the cache is keyed by it), else the model's input size.
         size = parse_image_size(recorded["image_size"]) if "image_size" in recorded else tuple(loaded.input_shape[1:])
-        _, test, names, _ = load_image_folder(folder, data_dir, size, say=lambda _: None)
+        _, (images, labels), names, _ = load_image_folder(folder, data_dir, size, say=lambda _: None)
         if names != loaded.class_names:
             raise ConfigError(f"{folder} now holds the classes {', '.join(names)}, not the checkpoint's")
-        return test
+        return Split(images, labels)
     return load_split(loaded.dataset, data_dir, train=False)
 
 

@@ -99,3 +99,24 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] =
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {name} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def output_classes(model: nn.Module, one_input: Tensor) -> int:
+    """How many classes `model` tells apart: its output width for a batch of one input (run in eval
+    mode, so BatchNorm's statistics stay as they are). A model that cannot take the input, or does
+    not return logits [1, C], is a ConfigError."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(one_input)
+    except Exception as exc:  # noqa: BLE001 (the user's model and data do not fit: say so in one line)
+        raise ConfigError(f"the model cannot take one input of shape {tuple(one_input.shape[1:])}: {exc}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ConfigError(f"the model must return logits [batch, classes]; for a batch of 1 it returned {got}")
+    return logits.shape[1]

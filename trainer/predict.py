@@ -7,7 +7,7 @@ image that already has the input size is only made grey (and inverted when it is
 so a test image saved as PNG gets exactly the prediction `trainer.evaluate` counted for it.
 
 For a model trained on an image folder, each image is decoded as the folder's images were
-(`trainer.data.decode_image`: grey or RGB, resized to the input size); --invert does not apply.
+(`trainer.imagefolder.decode_image`: grey or RGB, resized to the input size); --invert does not apply.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from torch import Tensor
 
 from trainer.checkpoint import CheckpointError
 from trainer.config import CUSTOM_DATA, ConfigError
-from trainer.data import DATASET_INFO, grey_palette
+from trainer.data import DATASET_INFO
 from trainer.errors import first_line
+from trainer.imagefolder import grey_palette
 
 # MNIST's recipe: the digit fits in a BOX x BOX square, centred by mass in the SIZE x SIZE image.
 SIZE, BOX = 28, 20
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _picture(path: str, input_shape: tuple[int, ...]) -> Tensor:
     """An image for a model trained on an image folder: decoded as its training images were."""
-    from trainer.data import DataError, decode_image
+    from trainer.errors import DataError
+    from trainer.imagefolder import decode_image
 
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such file")

@@ -8,6 +8,7 @@ to safetensors files; everything else is JSON in state.json. Nothing is pickled.
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 from dataclasses import dataclass, field
@@ -259,3 +260,41 @@ def set_rng_state(state: dict[str, Tensor]) -> None:
 
         pos, has_gauss, cached = floats(state, "numpy_rest")
         np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), int(pos), int(has_gauss), cached))
+
+
+def model_metadata(
+    architecture: str, factory: str | None, data: Any, position: Position, history: list[dict[str, Any]]
+) -> dict[str, str]:
+    """model.safetensors' metadata: what evaluate and predict need to rebuild and feed the model."""
+    from trainer import __version__
+
+    return {
+        "format": "pt",
+        "trainer_version": __version__,
+        "architecture": architecture,
+        **({"factory": factory} if factory else {}),
+        "dataset": data.name,
+        "num_classes": str(len(data.class_names)),
+        "class_names": json.dumps(data.class_names),
+        "normalization": json.dumps(data.normalization or {}),
+        "input_shape": json.dumps(list(data.input_shape)),
+        "epoch": str(position.epoch),
+        "step": str(position.step),
+        "valid_acc": repr(history[-1]["valid_acc"]) if history else "",
+    }
+
+
+def check_precision(folder: Path, saved: str, now: str, chosen: bool, warn: Any) -> None:
+    """A resumed run keeps its precision, unless --mixed-precision asks for another one (`chosen`;
+    a warning then)."""
+    if now == saved:
+        return
+    if not chosen:  # from accelerate's config or environment: not chosen here
+        raise ConfigError(
+            f"checkpoint {folder} was trained in {saved} precision, and this launch would resume it in {now} "
+            f"(accelerate's config or ACCELERATE_MIXED_PRECISION); launch it as it was started (the printed "
+            f"resume command does), or pass --mixed-precision {now} to change precision on purpose"
+        )
+    warn(
+        f"resuming a checkpoint trained in {saved} with --mixed-precision {now}: the run will not equal an unbroken one"
+    )

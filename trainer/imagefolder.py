@@ -1,0 +1,186 @@
+"""Image folders in torchvision's ImageFolder layout, decoded once into uint8 tensors and cached.
+
+PATH/train/<class>/... and PATH/test/<class>/... (or PATH/val/): grey when every image is grey,
+RGB otherwise, at the first image's size unless asked for another. The cache, in
+<data-dir>/imagefolder/, is keyed by the files' contents and the size, so that a run of any name,
+from any folder, reads it instead of decoding, and a changed image is decoded again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainer.errors import ConfigError, DataError, first_line
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
+# Bump when the decoding changes: caches of another version are not reused.
+IMAGE_CACHE_VERSION = "2"
+
+
+def image_folder_path(dataset: str) -> Path | None:
+    """PATH of `imagefolder:PATH`; None for the built-in data sets."""
+    return Path(dataset.split(":", 1)[1]) if dataset.startswith("imagefolder:") else None
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """--image-size: "N" (N x N) or "HxW"."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"--image-size must be N or HxW (e.g. 32 or 24x32), got {text!r}")
+    return size  # type: ignore[return-value]
+
+
+def _opened(file: str | os.PathLike) -> Any:
+    """PIL's image of `file` (a context manager); whatever PIL refuses is a one-line DataError."""
+    from PIL import Image
+
+    try:
+        return Image.open(file)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+
+
+def decode_image(file: str | os.PathLike, grey: bool, size: tuple[int, int]) -> Tensor:
+    """An image file as uint8 [H, W] (grey) or [3, H, W], resized to `size` (H, W) if it differs.
+    Training, evaluate and predict all decode through here, so the model sees the same pixels.
+    16-bit grey images are scaled to 8 bits (PIL's own conversion would clip them at 255)."""
+    import numpy as np
+    from PIL import Image
+
+    with _opened(file) as opened:
+        try:
+            if opened.mode.startswith("I"):  # I;16 and friends: 0-65535
+                wide = np.asarray(opened, dtype=np.float64) * (255.0 / 65535.0)
+                image = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8), mode="L")
+                image = image if grey else image.convert("RGB")
+            else:
+                image = opened.convert("L" if grey else "RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return pixels if grey else pixels.permute(2, 0, 1).contiguous()
+
+
+def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """ImageFolder's layout: folder/<class>/<image> (or deeper). The classes are sorted by name
+    (those of the training split when `classes` is given); the images of a class by path. Hidden
+    files and folders (a name starting with ".") are skipped."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{folder}: class folder(s) {', '.join(unknown)} are not in the training split")
+    files = [
+        (f, k)
+        for k, name in enumerate(classes)
+        if (folder / name).is_dir()
+        for f in sorted((folder / name).rglob("*"))  # subfolders of a class too, as ImageFolder walks them
+        if f.suffix.lower() in IMAGE_SUFFIXES
+        and f.is_file()
+        and not any(part.startswith(".") for part in f.relative_to(folder / name).parts)  # ._x.png, .cache/
+    ]
+    if not classes or not files:
+        raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>.png)")
+    return classes, files
+
+
+def image_folder_splits(root: Path) -> tuple[Path, Path]:
+    """PATH/train and PATH/test (or PATH/val)."""
+    test = root / "test" if (root / "test").is_dir() or not (root / "val").is_dir() else root / "val"
+    if not (root / "train").is_dir() or not test.is_dir():
+        raise DataError(f"{root}: an image folder needs train/<class>/* and test/<class>/* (or val/<class>/*)")
+    return root / "train", test
+
+
+def load_image_folder(
+    root: Path, data_dir: str | os.PathLike, image_size: tuple[int, int] | None, say: Any = print
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[str, ...], str]:
+    """Both splits of an image folder as uint8 tensors: grey when every image is, RGB otherwise, at
+    the first image's size unless `image_size`. Cached in data_dir/imagefolder/, keyed by the files'
+    contents and the size, so the next run (of any name, from any folder) skips the decoding.
+    Returns (images, labels) of each split, the class names and that key (what the folder is,
+    wherever it lies)."""
+    import hashlib
+
+    train_dir, test_dir = image_folder_splits(root)
+    classes, train_files = _image_files(train_dir, None)
+    _, test_files = _image_files(test_dir, classes)
+    key = hashlib.sha256(f"{IMAGE_CACHE_VERSION} {image_size} {classes}".encode())
+    for split, files in (("train", train_files), ("test", test_files)):
+        for file, label in files:
+            try:
+                content = file.read_bytes()
+            except OSError as exc:
+                raise DataError(f"cannot read {file}: {exc.strerror or exc}") from None
+            key.update(f"{split}/{label}/{file.relative_to(root).as_posix()}/{len(content)}:".encode())
+            key.update(hashlib.sha256(content).digest())
+    cache = Path(data_dir) / "imagefolder" / f"{root.name}-{key.hexdigest()[:20]}.safetensors"
+    count = len(train_files) + len(test_files)
+    if cache.is_file():
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(cache)
+            say(f"images: {count} of {root} from the cache {cache}")
+            return (
+                (tensors["train_images"], tensors["train_labels"]),
+                (tensors["test_images"], tensors["test_labels"]),
+                tuple(classes),
+                key.hexdigest(),
+            )
+        except Exception:  # noqa: BLE001 (a damaged cache is decoded again and replaced)
+            pass
+    grey, size = True, image_size or _size_of(train_files[0][0])
+    for file, _ in (*train_files, *test_files):  # headers only: cheap
+        with _opened(file) as opened:
+            grey = grey and (opened.mode in GREY_MODES or (opened.mode == "P" and grey_palette(opened)))
+    splits = []
+    for files in (train_files, test_files):
+        images = torch.stack([decode_image(f, grey, size) for f, _ in files])
+        splits.append((images, torch.tensor([k for _, k in files], dtype=torch.int64)))
+    _write_cache(cache, splits, root)
+    say(f"images: decoded {count} from {root} ({'grey' if grey else 'RGB'}, {size[0]}x{size[1]}), cached in {cache}")
+    return splits[0], splits[1], tuple(classes), key.hexdigest()
+
+
+def _size_of(file: Path) -> tuple[int, int]:
+    with _opened(file) as opened:
+        return opened.size[1], opened.size[0]
+
+
+def grey_palette(image: Any) -> bool:
+    """Whether a palette image ("P") holds only greys."""
+    palette = image.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+
+
+def _write_cache(cache: Path, splits: list[tuple[Tensor, Tensor]], root: Path) -> None:
+    """Atomically (a temporary file, then a rename); a cache that cannot be written is only skipped."""
+    from safetensors.torch import save_file
+
+    tensors = {"train_images": splits[0][0], "train_labels": splits[0][1],
+               "test_images": splits[1][0], "test_labels": splits[1][1]}  # fmt: skip
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"source": str(root)})
+        os.replace(partial, cache)
+    except Exception:  # noqa: BLE001 (safetensors reports a full disk as its own error type)
+        Path(partial).unlink(missing_ok=True) if "partial" in locals() else None
