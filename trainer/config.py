@@ -159,10 +159,6 @@ class TrainConfig:
             return re.sub(r"[^A-Za-z0-9._-]", "_", folder).lstrip("._-") or "images"
         return self.dataset
 
-    def recipe(self) -> dict[str, Any]:
-        """The fields that decide the numbers, for comparing a run with its checkpoint."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["group"] == "recipe"}
-
     def placed(self, custom_data: bool = False) -> TrainConfig:
         """This config with absolute paths (a resume never depends on the working directory); when
         it resumes a checkpoint by path without naming a run, that checkpoint's own run folder."""

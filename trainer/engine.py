@@ -111,8 +111,7 @@ class Trainer:
         )
         if self._steps_in(0, 0) != self.steps_per_epoch:
             raise RuntimeError(f"{self._steps_in(0, 0)} prepared steps per epoch, {self.steps_per_epoch} planned")
-        self.position = state.Position()
-        self.position.new_epoch(self.steps_per_epoch, self.accelerator.device)
+        self.position = state.Position()  # train_epoch sizes its per-step stats when an epoch begins
         self.log = RunLog(self.accelerator, self.run_dir)
         self.stop_signal: int | None = None
         self._last_saved: Path | None = None
@@ -577,8 +576,6 @@ class Trainer:
         self.position = state.restore(folder, loaded, self._parts(), acc.process_index)
         state.restore_epoch_stats(self.position, loaded, self.steps_per_epoch, self.num_processes,
                                   acc.process_index, acc.device)  # fmt: skip
-        if self.position.samples_in_epoch == 0:
-            self.position.new_epoch(self.steps_per_epoch, acc.device)
         self.log.history, self.log.curves = saved["history"], saved["curves"]
         if saved["world_size"] != self.num_processes:
             pos = self.position
