@@ -174,14 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             return fail(str(exc), everywhere=False)
     from trainer.checkpoint import CheckpointError
     from trainer.engine import DIVERGED_EXIT_CODE, Diverged, Stopped, Trainer
-    from trainer.runtime import PeerError, world_size
+    from trainer.runtime import PeerError, start_processes, world_size
 
     try:
         if resuming:
             if world_size() > 1:  # the processes agree on the checkpoint before reading its settings
-                from accelerate import PartialState
-
-                PartialState(cpu="--cpu" in args)
+                start_processes(cpu="--cpu" in args)
             config = parse_config(args)  # reads the checkpoint's settings
         trainer = Trainer(config)
         trainer.command_args = args
@@ -205,12 +203,4 @@ def main_entry() -> None:
         code = main()
     except KeyboardInterrupt:  # before training began (torch's import takes seconds): nothing to save
         code = fail("interrupted before training began; nothing was written", 130)
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Everything is saved and flushed; the interpreter's teardown of a gloo group whose peers
-        # (or whose launcher's store) are already gone can hang for minutes or abort (SIGABRT)
-        # after the run's last line. Leave without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     raise SystemExit(code)

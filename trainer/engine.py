@@ -94,6 +94,17 @@ class Trainer:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.run_dir = Path(config.output_dir) / config.name
         self.num_processes = self.accelerator.num_processes
+        self.log = RunLog(self.accelerator, self.run_dir)
+        self._lock = ckpt.RunLock(self.run_dir)
+        self._prepared = False
+        try:
+            self._setup(model, train_data, eval_data, class_names)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, model: nn.Module | None, train_data: Any, eval_data: Any, class_names: Any) -> None:
+        config = self.config
         self._check_processes()
         from accelerate.utils import set_seed
 
@@ -109,10 +120,10 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler
         )
+        self._prepared = True
         if self._steps_in(0, 0) != self.steps_per_epoch:
             raise RuntimeError(f"{self._steps_in(0, 0)} prepared steps per epoch, {self.steps_per_epoch} planned")
         self.position = state.Position()  # train_epoch sizes its per-step stats when an epoch begins
-        self.log = RunLog(self.accelerator, self.run_dir)
         self.stop_signal: int | None = None
         self._last_saved: Path | None = None
         # This process's first training step and first evaluation batch (compilation, lazy set-up).
@@ -240,7 +251,6 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         """Locks the run folder (the main process), then checks it or resumes from it."""
         cfg, acc = self.config, self.accelerator
-        self._lock = ckpt.RunLock(self.run_dir)
         error: Exception | None = None
         if acc.is_main_process:
             try:
@@ -257,18 +267,35 @@ class Trainer:
                 error = ConfigError(f"cannot create the run folder {self.run_dir}: {exc.strerror}")
             except ckpt.CheckpointError as exc:
                 error = exc
-        try:
-            runtime.agree(error, f"use the run folder {self.run_dir}")
-            if cfg.resume is not None:
-                self._resume(self._find_resume_point(cfg.resume))
-            acc.wait_for_everyone()
-        except BaseException:
-            self.close()
-            raise
+        runtime.agree(error, f"use the run folder {self.run_dir}")
+        if cfg.resume is not None:
+            self._resume(self._find_resume_point(cfg.resume))
+        acc.wait_for_everyone()
 
     def close(self) -> None:
-        """Releases the run folder for another run (fit() does this when it ends)."""
+        """Ends what this Trainer started, in order; fit() calls it on every way out, and so does a
+        `with Trainer(...) as trainer:` block. Afterwards `trainer.model` is your own module.
+
+        The run folder's lock goes first (another run may start). Then the prepared objects: the
+        DistributedDataParallel wrapper lives in reference cycles, so without a collection here it
+        would be destroyed by the interpreter's last garbage collection, at exit, where gloo's
+        worker threads that its destruction wakes can no longer take the GIL and abort the
+        process (SIGABRT: "terminate called without an active exception", after a finished run).
+        The process group itself is left to `runtime.end_processes` at exit (a second Trainer in
+        the same script uses it), and one that you created is left to you."""
+        self.log.finish_trackers()
+        self.report.close()
         self._lock.release()
+        if self._prepared:
+            self._prepared = False
+            self.model = self._plain_model()
+            self.accelerator.free_memory()  # drops accelerate's references, then gc.collect()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, Any]]:
@@ -282,8 +309,6 @@ class Trainer:
             self.log.start_trackers(self.config)
             return self._fit()
         finally:
-            self.log.finish_trackers()
-            self.report.close()
             self.close()
 
     def _fit(self) -> list[dict[str, Any]]:

@@ -209,6 +209,42 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
     return chosen
 
 
+# ---------------------------------------------------------------- the process group
+# Whether the default process group was there before the trainer first asked for one (then it is
+# the user's, and left alone); None until then.
+_group_was_there: bool | None = None
+
+
+def start_processes(cpu: bool = False) -> Any:
+    """accelerate's PartialState (it joins the launcher's process group), with `end_processes` set
+    to run at exit when the group is ours. Every path that starts processes comes through here."""
+    global _group_was_there
+    import atexit
+
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    if _group_was_there is None:
+        _group_was_there = dist.is_available() and dist.is_initialized()
+        if not _group_was_there:
+            atexit.register(end_processes)
+    return PartialState(cpu=cpu)
+
+
+def end_processes() -> None:
+    """At exit, while the interpreter can still run Python: collects what may hold gloo's work
+    objects (a DistributedDataParallel wrapper in a reference cycle), then destroys the process
+    group the trainer started. Left to the interpreter's own teardown, gloo's threads can abort the
+    process after its last line (SIGABRT) when they need the GIL after finalisation began."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- the accelerator
 def make_accelerator(config: TrainConfig) -> Any:
     """The one Accelerator: devices, processes and precision come from it (and accelerate's config)."""
@@ -235,6 +271,7 @@ def make_accelerator(config: TrainConfig) -> Any:
         run_dir = Path(config.output_dir) / config.name
         kwargs["log_with"] = check_trackers(config.trackers)
         kwargs["project_config"] = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers"))
+    start_processes(config.cpu)
     try:
         return Accelerator(
             cpu=config.cpu,
