@@ -95,8 +95,9 @@ def test_a_script_with_two_trainers_under_torchrun_exits_0_every_time(tmp_path):
 
 @pytest.mark.slow
 def test_the_command_line_under_torchrun_exits_soon_after_its_last_line(tiny_data, tmp_path):
+    args = tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "3")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "trainer", "--cpu", *tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "3")]  # fmt: skip
+           "-m", "trainer", "--cpu", *args]  # fmt: skip
     code, output, after_last_line = run_timed(cmd, REPO)
     assert code == 0, output
     assert "terminate called" not in output and "Traceback" not in output, output

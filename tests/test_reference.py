@@ -42,8 +42,10 @@ def test_the_mnist_recipe_gives_the_recorded_numbers(mnist_3_epochs):
         assert {k for k in got if k not in TIMING} == set(want)
         for key, value in want.items():
             if exact or key not in ORDER_DEPENDENT:
-                close = math.isclose(got[key], value, rel_tol=0, abs_tol=1e-12) if isinstance(value, float) else (
-                    got[key] == value
+                close = (
+                    math.isclose(got[key], value, rel_tol=0, abs_tol=1e-12)
+                    if isinstance(value, float)
+                    else (got[key] == value)
                 )
             elif key == "valid_correct":
                 close = abs(got[key] - value) <= 40
