@@ -217,13 +217,14 @@ class BareRun:
     def train_epoch(self, max_steps: int | None = None) -> dict[str, Any]:
         cfg, pos, opt = self.config, self.position, self.optimizer
         if pos.samples_in_epoch == 0:
-            pos.new_epoch(self.steps_per_epoch, self.device)
+            self.stats = state.EpochStats.empty(self.steps_per_epoch, self.device)
+        stats = self.stats
         self.train_loader.sampler.set_position(pos.epoch, pos.samples_in_epoch, self.stop)
         self.model.train()
-        for i, (images, labels) in enumerate(self.train_loader):
+        for images, labels in self.train_loader:
             logits = self.model(to_model_input(images, cfg.channels_last))
             loss = F.cross_entropy(logits, labels)
-            pos.epoch_lrs.append(opt.param_groups[0]["lr"])
+            lr = opt.param_groups[0]["lr"]
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(opt)
@@ -233,12 +234,9 @@ class BareRun:
                 opt.step()
             opt.zero_grad(set_to_none=True)
             self.scheduler.step()
-            pos.stats[i, 0] = loss.detach()
-            pos.stats[i, 1] = (logits.detach().argmax(dim=1) == labels).sum()
-            pos.stats_filled = i + 1
-            pos.step += 1
-            pos.samples_in_epoch += cfg.batch_size
-        host = pos.stats[: pos.stats_filled].to("cpu", torch.float64)  # the epoch's one sync, as in the Trainer
+            stats.add(loss, (logits.detach().argmax(dim=1) == labels).sum(), lr)
+            pos.advance(cfg.batch_size)
+        host = stats.mine()[0].to("cpu", torch.float64)  # the epoch's one sync, as in the Trainer
         samples = host.shape[0] * cfg.batch_size
         return {"loss": host[:, 0].mean().item(), "acc": host[:, 1].sum().item() / samples, "samples": samples}
 

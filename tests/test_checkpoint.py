@@ -240,7 +240,7 @@ def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
     assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in ref]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_saves_prints_resume_command_and_exits_128_plus_signum(run_main, tiny_data, tmp_path, sig, monkeypatch):
     from trainer import engine
 

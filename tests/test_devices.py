@@ -79,7 +79,7 @@ def test_rng_states_round_trip_bit_for_bit(tiny_data, tmp_path):
     np.random.standard_normal()  # the same in numpy's
     python_state, numpy_state = random.getstate(), np.random.get_state()
     assert python_state[2] is not None and numpy_state[4] != 0.0
-    trainer._save(best_candidate=False)
+    trainer._save()
     saved = load_file(trainer._last_saved / ckpt.RNG_NAME)
     assert all(t.dtype == torch.int64 for t in saved.values())
     assert _floats({k: v[0] for k, v in saved.items()}, "python_gauss") == [python_state[2]]
@@ -139,7 +139,7 @@ def test_the_data_path_copies_nothing_from_the_host_per_step(tiny_data, tmp_path
     (lift_fresh) or copies across devices (_to_copy) once the epoch has begun."""
     reset_accelerate()
     trainer = Trainer(config(tiny_data, tmp_path, limit_train_batches=None))
-    trainer._steps_in(0, 0)
+    trainer._start_sampler(0, 0)
 
     def ops_per_batch() -> list[list[str]]:
         per_batch, it = [], iter(trainer.train_loader)

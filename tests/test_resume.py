@@ -72,7 +72,8 @@ def test_negative_control_without_data_position_restore(run_main, tiny_data, tmp
 
     def forgetful(self, folder):
         original(self, folder)
-        self.position.samples_in_epoch, self.position.stats_filled = 0, 0
+        self.position.samples_in_epoch = 0
+        self.stats = engine.state.EpochStats()
 
     monkeypatch.setattr(engine.Trainer, "_resume", forgetful)
     args = ["--data-dir", str(tiny_data), "--progress", "plain", *branch(unbroken_1proc, 30, tmp_path, "forgetful")]
@@ -98,7 +99,8 @@ def test_negative_control_without_data_position_restore_2proc(tiny_data, tmp_pat
 
     def forgetful(self, folder):
         original(self, folder)
-        self.position.samples_in_epoch, self.position.stats_filled = 0, 0
+        self.position.samples_in_epoch = 0
+        self.stats = engine.state.EpochStats()
 
     monkeypatch.setattr(engine.Trainer, "_resume", forgetful)  # inherited by the forked processes
     result = fork_trainer(["--data-dir", str(tiny_data), "--progress", "plain",

@@ -30,7 +30,7 @@ def _write(stream: Any, text: str) -> bool:
         stream.write(text + "\n")
         stream.flush()
         return True
-    except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+    except (OSError, ValueError):  # a reader gone (EPIPE), a hung-up terminal (EIO), a closed stream
         return False
 
 
@@ -84,13 +84,14 @@ class Reporter:
         elif self.bars:
             try:
                 self.console.print(text, style=style, soft_wrap=True)
-            except BrokenPipeError:
+            except OSError:
                 self._close_stdout(text)
         elif not _write(sys.stdout, text):
             self._close_stdout(text)
 
-    def _close_stdout(self, text: str) -> None:
-        """stdout's reader is gone: later writes (and Python's flush at exit) go nowhere, quietly."""
+    def _close_stdout(self, text: str | None = None) -> None:
+        """stdout's reader is gone (a closed pipe, a hung-up terminal): later writes (and Python's
+        flush at exit) go nowhere, quietly; `text` goes to stderr instead."""
         self._stdout_closed = True
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -98,11 +99,23 @@ class Reporter:
             os.close(devnull)
         except (OSError, ValueError):
             pass
-        _write(sys.stderr, text)
+        if text is not None:
+            _write(sys.stderr, text)
+
+    def _draw(self, action: Any) -> None:
+        """Starts or stops a bar or a spinner; a terminal that is gone only ends the drawing."""
+        try:
+            action()
+        except OSError:
+            self._close_stdout()
 
     def warn(self, text: str) -> None:
+        self.say(f"warning: {text}")
+
+    def say(self, text: str) -> None:
+        """A line on stderr (where errors go), from the main process."""
         if self.enabled:
-            _write(sys.stderr, f"warning: {text}")
+            _write(sys.stderr, text)
 
     def summary(self, items: dict[str, Any]) -> None:
         if not self.enabled:
@@ -113,7 +126,7 @@ class Reporter:
                 table.add_row(f"[bold]{key}[/]", str(value))
             try:
                 self.console.print(table)
-            except BrokenPipeError:
+            except OSError:
                 self._close_stdout(" | ".join(f"{k}: {v}" for k, v in items.items()))
         else:
             self.line(" | ".join(f"{k}: {v}" for k, v in items.items()))
@@ -135,7 +148,7 @@ class Reporter:
             transient=True,
         )
         self._task = self._progress.add_task("train", total=total_steps, completed=done_steps, stats="")
-        self._progress.start()
+        self._draw(self._progress.start)
 
     def advance(self, done_steps: int, samples_per_step: int, lr: float, loss: float | None) -> None:
         if not self.enabled:
@@ -159,7 +172,7 @@ class Reporter:
             return
         if self.bars:
             self._status = self.console.status(f"{self._epoch_text}: evaluating {images:,} images", spinner="dots")
-            self._status.start()
+            self._draw(self._status.start)
         else:
             self.line(f"{self._epoch_text}: evaluating {images:,} images")
 
@@ -171,13 +184,13 @@ class Reporter:
     def evaluated(self) -> None:
         status = getattr(self, "_status", None)
         if status is not None:
-            status.stop()
             self._status = None
+            self._draw(status.stop)
 
     def end_epoch(self) -> None:
         if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+            progress, self._progress = self._progress, None
+            self._draw(progress.stop)
 
     def epoch_row(self, record: dict[str, Any]) -> None:
         """One row of the epoch table (the header once, before the first row)."""

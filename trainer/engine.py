@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from trainer.data import (
     to_model_input,
     user_source,
 )
+from trainer.errors import first_line
 from trainer.evaluation import EvalResult, evaluate_model
 from trainer.imagefolder import parse_image_size
 from trainer.model import MODELS, build_model, import_factory, output_classes
@@ -121,9 +123,11 @@ class Trainer:
             self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler
         )
         self._prepared = True
-        if self._steps_in(0, 0) != self.steps_per_epoch:
-            raise RuntimeError(f"{self._steps_in(0, 0)} prepared steps per epoch, {self.steps_per_epoch} planned")
-        self.position = state.Position()  # train_epoch sizes its per-step stats when an epoch begins
+        if self._start_sampler(0, 0) != self.steps_per_epoch:
+            raise RuntimeError(f"{len(self.train_loader)} prepared steps per epoch, {self.steps_per_epoch} planned")
+        self.position = state.Position()
+        self.stats = state.EpochStats()  # train_epoch sizes it when an epoch begins
+        self._failed_step_rng: Any = None  # torch's generators before a step that failed in the data or model
         self.stop_signal: int | None = None
         self._last_saved: Path | None = None
         # This process's first training step and first evaluation batch (compilation, lazy set-up).
@@ -222,8 +226,8 @@ class Trainer:
         cfg = self.config
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
 
-    def _steps_in(self, epoch: int, start: int) -> int:
-        """Optimizer steps left in `epoch` from sample `start` on; positions the sampler there."""
+    def _start_sampler(self, epoch: int, start: int) -> int:
+        """Points the training sampler at sample `start` of `epoch`; returns the optimizer steps left."""
         cfg = self.config
         stop = None
         if cfg.limit_train_batches is not None:
@@ -299,7 +303,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, Any]]:
-        """Trains until `config.epochs` epochs are done; returns the per-epoch metrics records."""
+        """Trains until `config.epochs` epochs are done; returns the per-epoch metrics records.
+
+        Every way out saves what it can: a stop signal (SIGTERM, SIGINT, SIGHUP) after the current
+        step; an exception from the data or the model, on one process, the state after the last
+        whole step. Then close() ends what the Trainer started."""
         if self.position.epoch >= self.config.epochs:
             self.report.line(f"run already complete ({self.config.epochs} epochs): {self.run_dir}")
             self.close()
@@ -307,45 +315,49 @@ class Trainer:
         try:
             self._announce()
             self.log.start_trackers(self.config)
-            return self._fit()
+            with runtime.StopSignals(self):
+                while self.position.epoch < self.config.epochs:
+                    self._run_epoch()
+            if self.stop_signal is not None:
+                self.report.line(f"{self._signal_name()} came after the last step: the run is complete")
+            return self.history
+        except Exception as exc:
+            if self.num_processes > 1 and runtime.lost_peer(exc):
+                last = f"the last checkpoint, {self._last_saved}," if self._last_saved else "no checkpoint"
+                raise runtime.PeerError(
+                    f"another process stopped (its own message says why), so this one stops too; {last} holds the work"
+                ) from None
+            self._after_failure(exc)
+            raise
         finally:
             self.close()
 
-    def _fit(self) -> list[dict[str, Any]]:
-        with runtime.StopSignals(self):
-            while self.position.epoch < self.config.epochs:
-                train = self.train_epoch()
-                if train is None:  # stopped mid-epoch; a checkpoint was written
-                    raise Stopped(self.stop_signal, self._last_saved)
-                first_evaluation, eval_started = self._warmup["eval"] is None, time.perf_counter()
-                self.report.evaluating(self._eval_images())
-                valid = self.evaluate()
-                self.report.evaluated()
-                # The first evaluation batch of this process is warm-up (warmup_s), not evaluation.
-                train["eval_time_s"] = time.perf_counter() - eval_started - (valid.first_batch_s * first_evaluation)
-                self._check_finite(train["curve"]["loss"], valid.loss)
-                record = self._epoch_record(train, valid)
-                self.position.next_epoch()
-                self.log.add_epoch(record, train["curve"])
-                self.report.epoch_row(record)
-                self._save(best_candidate=True)
-                # Every process takes part in this agreement, also one that already holds a signal.
-                # After the last epoch there is nothing left to stop: the run is complete.
-                if self.position.epoch < self.config.epochs and self._stop_agreed(force=True):
-                    self._print_resume_hint()
-                    raise Stopped(self.stop_signal or signal.SIGTERM, self._last_saved)
-        if self.stop_signal is not None:
-            self.report.line(f"{signal.Signals(self.stop_signal).name} came after the last step: the run is complete")
-        return self.history
+    def _run_epoch(self) -> None:
+        """Train, evaluate, record and save one epoch (the rest of it, after a resume)."""
+        train = self.train_epoch()
+        eval_started, first_evaluation = time.perf_counter(), self._warmup["eval"] is None
+        self.report.evaluating(self._eval_images())
+        valid = self.evaluate()
+        self.report.evaluated()
+        # The first evaluation batch of this process is warm-up (warmup_s), not evaluation.
+        eval_time = time.perf_counter() - eval_started - valid.first_batch_s * first_evaluation
+        record = self._epoch_record(train, valid, eval_time)
+        self.position.next_epoch()
+        self._save(record, train["curve"])
+        # Every process takes part in this agreement, also one that already holds a signal.
+        # After the last epoch there is nothing left to stop: the run is complete.
+        if self.position.epoch < self.config.epochs and self._stop_agreed(force=True):
+            self._stop()
 
-    def train_epoch(self) -> dict[str, Any] | None:
-        """Trains from the current position to the end of the epoch; None if stopped by a signal."""
+    def train_epoch(self) -> dict[str, Any]:
+        """Trains from the current position to the end of the epoch and returns its summary; saves
+        and raises Stopped when a stop signal is agreed on mid-epoch."""
         cfg, acc, pos = self.config, self.accelerator, self.position
         per_step = cfg.batch_size * self.num_processes
         if pos.samples_in_epoch == 0:
-            pos.new_epoch(self.steps_per_epoch, acc.device)
-        first = pos.stats_filled
-        remaining = self._steps_in(pos.epoch, pos.samples_in_epoch)
+            self.stats = state.EpochStats.empty(self.steps_per_epoch, acc.device)
+        stats, first = self.stats, self.stats.filled
+        remaining = self._start_sampler(pos.epoch, pos.samples_in_epoch)
         self.model.train()
         raw_opt = self.optimizer.optimizer
         # Without a grad scaler or accumulation, accelerate's optimizer wrapper only adds per-step
@@ -354,12 +366,19 @@ class Trainer:
         probe = _LossProbe(acc.device)
         show_every = max(1, remaining // 50)
         self.report.start_epoch(pos.epoch + 1, cfg.epochs, first + remaining, first)
+        batches = iter(self.train_loader)
         t0 = time.perf_counter()
-        for i, (inputs, labels) in enumerate(self.train_loader, start=first):
-            logits = self.model(to_model_input(inputs, cfg.channels_last))
-            loss = F.cross_entropy(logits, labels)
-            acc.backward(loss)
-            pos.epoch_lrs.append(raw_opt.param_groups[0]["lr"])  # the LR this step uses
+        for i in range(first, first + remaining):
+            rng = state.torch_rng()
+            try:  # the data and the model: a failure here leaves the state of the last whole step
+                inputs, labels = next(batches)
+                logits = self.model(to_model_input(inputs, cfg.channels_last))
+                loss = F.cross_entropy(logits, labels)
+                acc.backward(loss)
+            except Exception:
+                self._failed_step_rng = rng
+                raise
+            lr = raw_opt.param_groups[0]["lr"]  # the LR this step uses
             if fast:
                 raw_opt.step()
                 raw_opt.zero_grad(set_to_none=True)
@@ -367,43 +386,32 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            pos.stats[i, 0] = loss.detach()
-            pos.stats[i, 1] = (logits.detach().argmax(dim=1) == labels).sum()
-            pos.stats_filled = i + 1
-            pos.step += 1
-            pos.samples_in_epoch += per_step
+            stats.add(loss, (logits.detach().argmax(dim=1) == labels).sum(), lr)
+            pos.advance(per_step)
             if self._warmup["train"] is None:  # this process's first step: torch.compile compiles here
                 self._warmup["train"] = time.perf_counter() - t0
                 t0 = time.perf_counter()  # the epoch's time leaves it out: it is reported as warmup_s
             if self.report.enabled and (i + 1 - first) % show_every == 0:  # the main process shows progress
-                self.report.advance(i + 1, per_step, pos.epoch_lrs[-1], probe.read_then_copy(loss))
-            last = i + 1 == first + remaining
-            if not last and self._stop_agreed(step=i + 1):
-                self.report.end_epoch()
-                pos.epoch_time_before += time.perf_counter() - t0
-                self._save(best_candidate=False)
-                self._print_resume_hint()
-                return None
-            if not last and cfg.save_every and pos.step % cfg.save_every == 0:
-                pos.epoch_time_before += time.perf_counter() - t0
+                self.report.advance(i + 1, per_step, lr, probe.read_then_copy(loss))
+            stopping = i + 1 < first + remaining and self._stop_agreed(step=i + 1)
+            if stopping or (i + 1 < first + remaining and self._save_due()):
+                stats.time_before += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                self._save(best_candidate=False)
+                if stopping:
+                    self.report.end_epoch()
+                self._save()
+                if stopping:
+                    self._stop()
+        for _ in batches:  # lets accelerate's loader end its epoch (there is no batch left)
+            raise RuntimeError(f"the loader holds more than the {remaining} planned steps")
         self.report.end_epoch()
         # The one sync of the epoch: every process's per-step loss and correct count (float32; the
         # sums are exact in double precision on the host).
-        stats = acc.gather(pos.stats[: pos.stats_filled].unsqueeze(0)).cpu()  # [N, steps, 2]
-        all_steps = torch.cat([pos.carry, stats.reshape(-1, 2)]).tolist()
-        curve = pos.carry_curve + stats[:, :, 0].mean(dim=0).tolist()
-        pos.carry, pos.carry_curve = torch.zeros(0, 2), []
-        samples = len(all_steps) * cfg.batch_size
-        elapsed = pos.epoch_time_before + time.perf_counter() - t0
-        return {
-            "loss": math.fsum(loss for loss, _ in all_steps) * cfg.batch_size / samples,
-            "acc": math.fsum(correct for _, correct in all_steps) / samples,
-            "samples": samples,
-            "time_s": elapsed,
-            "curve": {"loss": curve, "lr": list(pos.epoch_lrs)},
-        }
+        summary = stats.summary(acc.gather(stats.mine()).cpu(), cfg.batch_size)
+        return {**summary, "time_s": stats.time_before + time.perf_counter() - t0}
+
+    def _save_due(self) -> bool:
+        return bool(self.config.save_every) and self.position.step % self.config.save_every == 0
 
     def _eval_images(self) -> int:
         cfg = self.config
@@ -425,47 +433,109 @@ class Trainer:
 
     # ------------------------------------------------------------------ stopping
     def _stop_agreed(self, step: int = 0, force: bool = False) -> bool:
-        """True when some process was asked to stop; all processes answer the same at the same step."""
+        """True when some process was asked to stop; all processes answer the same at the same step
+        (with several, they agree every STOP_CHECK_EVERY steps: one tiny gather)."""
         if self.num_processes == 1:
             return self.stop_signal is not None
         if not force and step % STOP_CHECK_EVERY:
             return False
-        # One tiny gather carries both questions: a stop signal, and a loss that stopped being finite.
-        pos, device = self.position, self.accelerator.device
-        signum = torch.tensor([0 if self.stop_signal is None else int(self.stop_signal)], device=device)
-        diverged = (~torch.isfinite(pos.stats[: pos.stats_filled, 0])).any().reshape(1).to(torch.int64)
-        agreed, bad = self.accelerator.gather(torch.stack([signum, diverged], dim=1)).max(dim=0).values.tolist()
-        if bad:
-            raise Diverged(self._diverged_message(f"the training loss stopped being finite by step {pos.step}"))
+        acc = self.accelerator
+        agreed = int(acc.gather(torch.tensor([int(self.stop_signal or 0)], device=acc.device)).max())
         if agreed and self.stop_signal is None:
             self.stop_signal = agreed
         return agreed > 0
-
-    def _check_finite(self, losses: list[float], valid_loss: float) -> None:
-        """The epoch's per-step losses and its validation loss are finite (host values: no sync)."""
-        step = self.position.step
-        bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
-        if bad is not None:
-            at = step - len(losses) + bad + 1
-            raise Diverged(self._diverged_message(f"the training loss was {losses[bad]} at step {at}"))
-        if not math.isfinite(valid_loss):
-            raise Diverged(self._diverged_message(f"the validation loss was {valid_loss} after step {step}"))
-
-    def _diverged_message(self, what: str) -> str:
-        last = self._last_saved
-        kept = f"the last checkpoint, {last.name}, is finite" if last else "no checkpoint was written"
-        return (
-            f"training diverged: {what} (epoch {self.position.epoch + 1}); {kept}; "
-            f"lower --lr (this run: {self.config.lr}) or use fp32"
-        )
 
     def request_stop(self, signum: int) -> None:
         """Asks the loop to save and stop after the current step (what the signal handlers call)."""
         self.stop_signal = signum
 
-    def _print_resume_hint(self) -> None:
-        self.report.line(f"stopped by {signal.Signals(self.stop_signal).name}; checkpoint saved: {self._last_saved}")
-        self.report.line(f"resume with: {runtime.resume_command(self.command_args)}")
+    def _signal_name(self) -> str:
+        return signal.Signals(self.stop_signal).name
+
+    def _stop(self) -> None:
+        """After the stop's checkpoint: says where it is and how to go on, then raises Stopped."""
+        self._tell(f"stopped by {self._signal_name()}; checkpoint saved: {self._last_saved}")
+        self._tell(f"resume with: {self._how_to_resume()}")
+        raise Stopped(self.stop_signal, self._last_saved)
+
+    def _how_to_resume(self) -> str:
+        """The command line that continues this run, or in Python (no command line), the config."""
+        if self.command_args is None:
+            return 'the same script with TrainConfig(..., resume="latest")'
+        return runtime.resume_command(self.command_args)
+
+    def _tell(self, text: str, error: bool = False) -> None:
+        """A line for the person (stdout, or stderr for `error`) and for the run folder's run.log,
+        which keeps it when the terminal is gone (SIGHUP)."""
+        (self.report.say if error else self.report.line)(text)
+        self.log.note(text)
+
+    def _after_failure(self, exc: Exception) -> None:
+        """An exception is on its way out of fit(): save what is whole and say where it is.
+
+        An exception from the data or the model (fetching a batch, forward, loss, backward) leaves
+        the weights, the optimizer, the schedule and the position of the last whole step, so on one
+        process they are saved. With several, the others are already waiting for this one in a
+        collective (DDP's gradient all-reduce): this process only says so and leaves, and the
+        others stop when the collective finds it gone; the last agreed checkpoint holds the work.
+        An exception anywhere else (the optimizer's step, a save) may have left the state half
+        changed: nothing more is saved."""
+        if isinstance(exc, Stopped | Diverged | runtime.PeerError) or not self._prepared:
+            return
+        last = f"the last checkpoint, {self._last_saved}," if self._last_saved else "no checkpoint"
+        if self._failed_step_rng is None:
+            if not isinstance(exc, ConfigError | ckpt.CheckpointError):  # those say what happened themselves
+                self._tell(f"the failure came outside the data and the model, where the state may be half changed: "
+                           f"nothing more was saved; {last} holds the work", error=True)  # fmt: skip
+            return
+        if self.num_processes > 1:  # said by this process, whichever it is
+            rank = self.accelerator.process_index
+            print(f"trainer: [rank {rank}] process {rank} failed in its data or model; with several processes "
+                  f"nothing more is saved: {last} holds the work", file=sys.stderr, flush=True)  # fmt: skip
+            return
+        if self.position.step == 0:
+            self._tell("no step had finished: nothing to save", error=True)
+            return
+        state.set_torch_rng(self._failed_step_rng)  # the generators as the failed step found them
+        try:
+            self._save()
+        except Exception as save_failure:  # noqa: BLE001 (the first failure is the one to report)
+            self._tell(f"could not save after the failure ({first_line(save_failure)}); {last} holds the work",
+                       error=True)  # fmt: skip
+            return
+        self._tell(f"the work up to step {self.position.step} is saved in {self._last_saved}; once the cause is "
+                   f"fixed, resume with: {self._how_to_resume()}", error=True)  # fmt: skip
+
+    # ------------------------------------------------------------------ divergence
+    def _check_finite(self, record: dict[str, Any] | None) -> None:
+        """The weights, this epoch's step losses so far and the validation loss are finite on every
+        process, or every process raises Diverged. Checked on the one path that every epoch's record
+        and every checkpoint takes (`_save`), so nothing non-finite is logged or saved; one sync."""
+        acc, stats = self.accelerator, self.stats
+        weights = [torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()]
+        losses = stats.steps[: stats.filled, 0]
+        flags = torch.stack([~torch.stack(weights).all(), ~torch.isfinite(losses).all()]).to(torch.int64)
+        bad_weights, bad_loss = acc.gather(flags.unsqueeze(0)).max(dim=0).values.tolist()
+        valid = record["valid_loss"] if record is not None else 0.0
+        if not (bad_weights or bad_loss or not math.isfinite(valid)):
+            return
+        step = self.position.step
+        mine = losses.tolist()
+        first_bad = next((k for k, v in enumerate(mine) if not math.isfinite(v)), None)
+        if first_bad is not None:
+            what = f"the training loss was {mine[first_bad]} at step {step - len(mine) + first_bad + 1}"
+        elif bad_loss:
+            what = f"the training loss of another process stopped being finite by step {step}"
+        elif not math.isfinite(valid):
+            what = f"the validation loss was {valid} after step {step}"
+        else:
+            what = f"the weights are not finite at step {step}"
+        last = self._last_saved
+        kept = f"the last checkpoint, {last.name}, is finite" if last else "no checkpoint was written"
+        epoch = record["epoch"] if record is not None else self.position.epoch + 1
+        raise Diverged(
+            f"training diverged: {what} (epoch {epoch}); {kept}; lower --lr (this run: {self.config.lr}) or use fp32"
+        )
 
     # ------------------------------------------------------------------ output
     def _announce(self) -> None:
@@ -500,7 +570,7 @@ class Trainer:
         backend = str(getattr(plugin.backend, "value", plugin.backend)).lower()
         return "no" if backend == "no" else f"{backend} ({plugin.mode or 'default'})"
 
-    def _epoch_record(self, train: dict[str, Any], valid: EvalResult) -> dict[str, Any]:
+    def _epoch_record(self, train: dict[str, Any], valid: EvalResult, eval_time: float) -> dict[str, Any]:
         return {
             "epoch": self.position.epoch + 1,
             "step": self.position.step,
@@ -513,7 +583,7 @@ class Trainer:
             "valid_seen": valid.seen,
             "lr": train["curve"]["lr"][-1],  # the LR of the epoch's last step (the scheduler is one ahead)
             "epoch_time_s": train["time_s"],
-            "eval_time_s": train["eval_time_s"],
+            "eval_time_s": eval_time,
             # Only in the first epoch this process runs: its first step and first evaluation batch
             # (left out of epoch_time_s and eval_time_s).
             "warmup_s": self._take_warmup(),
@@ -532,20 +602,18 @@ class Trainer:
         gain an `_orig_mod.` prefix), so checkpoints are the same with and without --compile."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    def _save(self, best_candidate: bool) -> None:
-        """Every process calls this: gathers what only it knows, the main process writes, all wait."""
+    def _save(self, record: dict[str, Any] | None = None, curve: dict[str, Any] | None = None) -> None:
+        """Saves a checkpoint; after an epoch, `record` (its metrics) and `curve` go to the logs first.
+        Every process calls this: gathers what only it knows, the main process writes, all agree."""
         acc, pos = self.accelerator, self.position
-        # Never a checkpoint of a diverged run: its weights (and this epoch's losses so far) must be finite.
-        finite = [torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()]
-        finite.append(torch.isfinite(pos.stats[: pos.stats_filled, 0]).all())
-        bad = (~torch.stack(finite).all()).reshape(1).to(torch.int64)
-        if int(acc.gather(bad).max().item()):
-            raise Diverged(self._diverged_message(f"the weights or the loss are not finite at step {pos.step}"))
+        self._check_finite(record)
+        if record is not None:
+            self.log.add_epoch(record, curve)
+            self.report.epoch_row(record)
         rng = {k: acc.gather(v.to(acc.device).unsqueeze(0)).cpu() for k, v in state.rng_state().items()}
         progress = {}
         if pos.samples_in_epoch:  # mid-epoch: the interrupted epoch's per-step stats of every process
-            progress["epoch_stats"] = acc.gather(pos.stats[: pos.stats_filled].unsqueeze(0)).cpu()
-            progress["epoch_carry"] = pos.carry
+            progress = {"epoch_stats": acc.gather(self.stats.mine()).cpu(), "epoch_carry": self.stats.carry}
         failure: BaseException | None = None
         if acc.is_main_process:
             try:
@@ -553,26 +621,19 @@ class Trainer:
                          "history": self.log.history, "curves": self.log.curves,
                          "data_digest": self.data.digest}  # fmt: skip
                 metadata = state.model_metadata(self.architecture, self.factory, self.data, pos, self.history)
-                contents = state.contents(self._parts(), pos, self.config, metadata, rng, progress, extra)
+                contents = state.contents(self._parts(), pos, self.stats, self.config, metadata, rng, progress, extra)
                 folder = ckpt.save(self.run_dir, pos.step, contents)
-                self._after_save(folder, best_candidate)
+                if record is not None and max(self.history, key=lambda r: r["valid_acc"]) is record:
+                    ckpt.update_best(self.run_dir, folder)
+                ckpt.prune(self.run_dir, self.config.keep_last)
             except ckpt.SaveError as exc:
                 failure = exc
             except OSError as exc:  # updating `best` or pruning, after the new checkpoint is complete
                 failure = ckpt.SaveError(ckpt.describe_write_error(exc, "the run folder's links", self.run_dir))
             except Exception as exc:  # a bug: its traceback, after the other processes were told
                 failure = exc
-        status = torch.tensor([0 if failure is None else 1], device=acc.device)
-        if int(acc.reduce(status, reduction="sum").item()):
-            raise failure if failure is not None else runtime.PeerError("process 0 could not save a checkpoint")
+        runtime.agree(failure, "save a checkpoint")
         self._last_saved = self.run_dir / ckpt.step_dir_name(pos.step)
-
-    def _after_save(self, folder: Path, best_candidate: bool) -> None:
-        if best_candidate:
-            best = max(self.history, key=lambda r: r["valid_acc"])
-            if best is self.history[-1]:
-                ckpt.update_best(self.run_dir, folder)
-        ckpt.prune(self.run_dir, self.config.keep_last)
 
     def _find_resume_point(self, resume: str) -> Path:
         folder = runtime.agree_on_checkpoint(resume, self.run_dir, warn=self.report.warn)
@@ -599,12 +660,13 @@ class Trainer:
         chosen = cfg.mixed_precision is not None  # on the command line, not from accelerate's config
         state.check_precision(folder, saved.get("mixed_precision", "no"), acc.mixed_precision, chosen, self.report.warn)
         self.position = state.restore(folder, loaded, self._parts(), acc.process_index)
-        state.restore_epoch_stats(self.position, loaded, self.steps_per_epoch, self.num_processes,
-                                  acc.process_index, acc.device)  # fmt: skip
+        if self.position.samples_in_epoch:
+            self.stats = state.restore_epoch_stats(loaded, self.steps_per_epoch, self.num_processes,
+                                                   acc.process_index, acc.device)  # fmt: skip
         self.log.history, self.log.curves = saved["history"], saved["curves"]
         if saved["world_size"] != self.num_processes:
             pos = self.position
-            steps_left = self._steps_in(pos.epoch, pos.samples_in_epoch) + (cfg.epochs - pos.epoch - 1) * (
+            steps_left = self._start_sampler(pos.epoch, pos.samples_in_epoch) + (cfg.epochs - pos.epoch - 1) * (
                 self.steps_per_epoch
             )
             units_left = max(steps_left - 1, 0) * self.num_processes + 1

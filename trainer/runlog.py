@@ -17,6 +17,7 @@ from trainer.config import TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.jsonl"
+NOTES_NAME = "run.log"  # how each run in the folder started and ended, with the command that resumes it
 
 
 class RunLog:
@@ -56,6 +57,19 @@ class RunLog:
             acc.log({"train/step_loss": loss, "train/lr": lr}, step=first + i)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
         acc.log({f"epoch/{k}": v for k, v in scalars.items()} | {"epoch": record["epoch"]}, step=record["step"])
+
+    def note(self, text: str) -> None:
+        """Appends a timestamped line to run.log (main process; a failed write is not worth a failure:
+        the same line went to the console)."""
+        if not self.accelerator.is_main_process:
+            return
+        import time
+
+        try:
+            with open(self.run_dir / NOTES_NAME, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        except OSError:
+            pass
 
     def write(self) -> None:
         """Both files as the history so far, each replaced whole (every process takes part)."""

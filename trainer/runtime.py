@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,19 @@ SHARED_STORAGE = "checkpoints must be on storage that every machine can read (a 
 
 class PeerError(ConfigError):
     """Another process failed; its own message says why (this one names it)."""
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another process is gone (it crashed or stopped): gloo
+    reports a closed connection as a RuntimeError, NCCL and the store as torch's DistError."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+    )
 
 
 def world_size() -> int:
@@ -293,8 +308,13 @@ def mps_available() -> bool:
 
 
 # ---------------------------------------------------------------- signals and the launcher
+# SIGHUP: the terminal closed (an SSH connection dropped); it stops a run the way SIGTERM does.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class StopSignals:
-    """SIGINT/SIGTERM ask the trainer to save and stop after the current step; a second Ctrl-C stops at once.
+    """SIGINT, SIGTERM and SIGHUP ask the trainer to save and stop after the current step; a second
+    Ctrl-C stops at once.
 
     Python runs a signal's handler only between bytecodes, so two Ctrl-Cs during one long step
     (a backward pass in C++) reach `_handle` once. The C-level handler still writes one byte per
@@ -308,10 +328,7 @@ class StopSignals:
         self._previous_fd = -1
 
     def __enter__(self) -> StopSignals:
-        import signal
-        import socket
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
         reader, writer = socket.socketpair()
         reader.setblocking(False)
@@ -322,8 +339,6 @@ class StopSignals:
 
     def _presses(self) -> int:
         """SIGINTs delivered since the last look (each wrote its number to the wakeup socket)."""
-        import signal
-
         if self._wakeup is None:
             return 0
         count = 0
@@ -335,8 +350,6 @@ class StopSignals:
         return count
 
     def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
         double = signum == signal.SIGINT and self._presses() >= 2  # both pressed during one long step
         if self.owner.stop_signal is not None or double:
             # Only a second Ctrl-C means "now". A SIGTERM after a Ctrl-C is usually the launcher
@@ -352,8 +365,6 @@ class StopSignals:
         )
 
     def __exit__(self, *exc: Any) -> None:
-        import signal
-
         signal.set_wakeup_fd(self._previous_fd)
         if self._wakeup is not None:
             for end in self._wakeup:

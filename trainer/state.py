@@ -9,6 +9,7 @@ to safetensors files; everything else is JSON in state.json. Nothing is pickled.
 from __future__ import annotations
 
 import json
+import math
 import random
 import struct
 from dataclasses import dataclass, field
@@ -30,30 +31,62 @@ RECIPE_CHECKED = (
 
 @dataclass
 class Position:
-    """Where a run is: the next optimizer step, the next epoch (0-based) and the sample inside it.
-
-    Mid-epoch, the finished part of the epoch is kept too, so that the epoch's metrics, when it
-    ends, count every step once: `stats` holds this process's per-step (loss, correct) on the
-    device; `carry` / `carry_curve` hold what a checkpoint of another world size had done.
-    """
+    """Where a run is: the next optimizer step, the next epoch (0-based) and the sample inside it."""
 
     step: int = 0
     epoch: int = 0
     samples_in_epoch: int = 0
-    stats: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
-    stats_filled: int = 0
-    carry: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
-    carry_curve: list[float] = field(default_factory=list)
-    epoch_lrs: list[float] = field(default_factory=list)  # the LR of each step of this epoch so far
-    epoch_time_before: float = 0.0  # seconds of this epoch spent before the last resume or save
+
+    def advance(self, samples: int) -> None:
+        """One optimizer step that consumed `samples` (all processes together) is done."""
+        self.step, self.samples_in_epoch = self.step + 1, self.samples_in_epoch + samples
 
     def next_epoch(self) -> None:
         """The epoch is done: the next one begins at its first sample."""
         self.epoch, self.samples_in_epoch = self.epoch + 1, 0
 
-    def new_epoch(self, steps: int, device: torch.device) -> None:
-        self.stats = torch.zeros(steps, 2, device=device)
-        self.stats_filled, self.epoch_lrs, self.epoch_time_before = 0, [], 0.0
+
+@dataclass
+class EpochStats:
+    """The running statistics of the epoch under way, so that its metrics count every step once
+    however often it was stopped and resumed.
+
+    `steps` holds this process's per-step (loss, correct) on the training device (written without
+    a host sync); `carry` / `carry_curve` hold what a checkpoint of another world size had done.
+    """
+
+    steps: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
+    filled: int = 0
+    carry: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
+    carry_curve: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)  # the LR of each step of this epoch so far
+    time_before: float = 0.0  # seconds of this epoch spent before the last resume or save
+
+    @classmethod
+    def empty(cls, steps: int, device: torch.device) -> EpochStats:
+        return cls(steps=torch.zeros(steps, 2, device=device))
+
+    def add(self, loss: Tensor, correct: Tensor, lr: float) -> None:
+        self.steps[self.filled, 0] = loss.detach()
+        self.steps[self.filled, 1] = correct
+        self.lrs.append(lr)
+        self.filled += 1
+
+    def mine(self) -> Tensor:
+        """This process's steps so far, [1, steps, 2], ready to be gathered."""
+        return self.steps[: self.filled].unsqueeze(0)
+
+    def summary(self, gathered: Tensor, batch_size: int) -> dict[str, Any]:
+        """The finished epoch from every process's per-step stats ([processes, steps, 2], host):
+        its loss and accuracy per sample (exact sums in double precision), and its curves."""
+        rows = torch.cat([self.carry, gathered.reshape(-1, 2)]).tolist()
+        samples = len(rows) * batch_size
+        return {
+            "loss": math.fsum(loss for loss, _ in rows) * batch_size / samples,
+            "acc": math.fsum(correct for _, correct in rows) / samples,
+            "samples": samples,
+            "curve": {"loss": self.carry_curve + gathered[:, :, 0].mean(dim=0).tolist(), "lr": list(self.lrs)},
+        }
 
 
 @dataclass
@@ -69,6 +102,7 @@ class Parts:
 def contents(
     parts: Parts,
     position: Position,
+    stats: EpochStats,
     config: TrainConfig,
     metadata: dict[str, str],
     rng: dict[str, Tensor],
@@ -101,11 +135,11 @@ def contents(
             str(pid): {k: v for k, v in entry.items() if not isinstance(v, Tensor)}
             for pid, entry in opt_state["state"].items()
         },
-        "epoch_lrs": position.epoch_lrs if mid_epoch else [],
+        "epoch_lrs": stats.lrs if mid_epoch else [],
         "epoch_loss_curve": (
-            position.carry_curve + progress["epoch_stats"][:, :, 0].mean(dim=0).tolist() if mid_epoch else []
+            stats.carry_curve + progress["epoch_stats"][:, :, 0].mean(dim=0).tolist() if mid_epoch else []
         ),
-        "epoch_time_before_s": position.epoch_time_before if mid_epoch else 0.0,
+        "epoch_time_before_s": stats.time_before if mid_epoch else 0.0,
         # fp16's loss scale and its growth tracker (plain numbers): a resumed fp16 run scales as the unbroken one.
         "grad_scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
         **extra,  # world_size, mixed_precision, history, curves
@@ -157,32 +191,26 @@ def restore(folder: Path, loaded: ckpt.CheckpointContents, parts: Parts, rank: i
     if parts.scaler is not None and state.get("grad_scaler"):
         parts.scaler.load_state_dict(state["grad_scaler"])
     set_rng_state({k: v[rank % v.shape[0]] for k, v in loaded.rng.items()})
-    return Position(
-        step=state["step"],
-        epoch=state["epoch"],
-        samples_in_epoch=state["samples_in_epoch"],
-        epoch_lrs=list(state["epoch_lrs"]),
-        epoch_time_before=state["epoch_time_before_s"],
-    )
+    return Position(step=state["step"], epoch=state["epoch"], samples_in_epoch=state["samples_in_epoch"])
 
 
 def restore_epoch_stats(
-    position: Position, loaded: ckpt.CheckpointContents, steps_per_epoch: int, world: int, rank: int, device: Any
-) -> None:
+    loaded: ckpt.CheckpointContents, steps_per_epoch: int, world: int, rank: int, device: Any
+) -> EpochStats:
     """Mid-epoch: the finished part of the epoch. On the same world size each process takes its own
     per-step stats back; on another one the part is kept aside whole (`carry`), in the same units."""
-    if not position.samples_in_epoch:
-        return
-    stats = loaded.progress["epoch_stats"]  # [saved world, steps done, 2]
-    carry = loaded.progress["epoch_carry"].to(torch.float32)  # older checkpoints: float64
-    position.stats = torch.zeros(steps_per_epoch, 2, device=device)
-    position.stats_filled = 0
-    if loaded.state["world_size"] == world and carry.numel() == 0:
-        position.stats[: stats.shape[1]] = stats[rank].to(device)
-        position.stats_filled = stats.shape[1]
+    state = loaded.state
+    stats = EpochStats.empty(steps_per_epoch, device)
+    stats.lrs, stats.time_before = list(state["epoch_lrs"]), state["epoch_time_before_s"]
+    done = loaded.progress["epoch_stats"]  # [saved world, steps done, 2]
+    carry = loaded.progress["epoch_carry"]
+    if state["world_size"] == world and carry.numel() == 0:
+        stats.steps[: done.shape[1]] = done[rank].to(device)
+        stats.filled = done.shape[1]
     else:
-        position.carry = torch.cat([carry, stats.reshape(-1, 2)])
-        position.carry_curve = list(loaded.state["epoch_loss_curve"])
+        stats.carry = torch.cat([carry, done.reshape(-1, 2)])
+        stats.carry_curve = list(state["epoch_loss_curve"])
+    return stats
 
 
 def new_onecycle(optimizer: torch.optim.Optimizer, config: TrainConfig, total_units: int) -> Any:
@@ -234,6 +262,19 @@ def rng_state() -> dict[str, Tensor]:
     except ImportError:
         pass
     return state
+
+
+def torch_rng() -> tuple[Tensor, Tensor | None]:
+    """torch's generators alone (a few microseconds), taken before every step: a model that draws
+    random numbers (dropout) and then fails mid-step is saved with the draws of the last whole step."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_torch_rng(snapshot: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state(snapshot[1])
 
 
 def float_bits(values: list[float]) -> Tensor:
