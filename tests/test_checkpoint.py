@@ -246,7 +246,7 @@ def test_signal_saves_prints_resume_command_and_exits_128_plus_signum(run_main, 
 
     args = tiny_args(tiny_data, tmp_path, "--epochs", "4", "--limit-train-batches", "6")
     run = tmp_path / "mnist"
-    real_input, calls = engine.to_model_input, []
+    real_input, calls = engine.model_input, []
 
     def signal_on_the_ninth_step(*a, **kw):
         calls.append(1)
@@ -256,7 +256,7 @@ def test_signal_saves_prints_resume_command_and_exits_128_plus_signum(run_main, 
 
     previous = signal.getsignal(sig)
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "to_model_input", signal_on_the_ninth_step)
+        patch.setattr(engine, "model_input", signal_on_the_ninth_step)
         result = run_main(args)
     assert result.returncode == 128 + sig, result.stderr
     assert signal.getsignal(sig) is previous  # handlers restored

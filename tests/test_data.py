@@ -13,7 +13,7 @@ from trainer.data import (
     TensorImages,
     load_split,
     make_loader,
-    to_model_input,
+    model_input,
 )
 
 
@@ -52,10 +52,10 @@ def test_batches_are_fetched_whole_not_per_image(tiny_data, monkeypatch):
 
 def test_model_input_is_scaled_like_totensor():
     images = torch.tensor([[[0, 128, 255]]], dtype=torch.uint8)
-    x = to_model_input(images)
+    x = model_input(images)
     assert x.shape == (1, 1, 1, 3)
     assert torch.equal(x.flatten(), torch.tensor([0, 128, 255]) / 255)
-    assert to_model_input(torch.zeros(2, 28, 28, dtype=torch.uint8), channels_last=True).is_contiguous(
+    assert model_input(torch.zeros(2, 28, 28, dtype=torch.uint8), channels_last=True).is_contiguous(
         memory_format=torch.channels_last
     )
 
@@ -120,7 +120,7 @@ def test_a_python_dataset_gets_workers_and_pinned_memory_on_a_gpu_only(monkeypat
         def __getitem__(self, i: int):
             return torch.zeros(3), i % 2
 
-    monkeypatch.setattr(data, "_cores", lambda: 8)
+    monkeypatch.setattr(data, "cores", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     on_cpu = data.make_loader(Plain(), 8, train=True, seed=0, device=torch.device("cpu"))
     assert on_cpu.num_workers == 0 and not on_cpu.pin_memory

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import TINY_TEST, fork_trainer, reset_accelerate, write_dataset
 
-from trainer import evaluate
-from trainer.data import DATASET_INFO, load_split, to_model_input
+from trainer import evaluate, evaluation
+from trainer.data import DATASET_INFO, load_split, model_input
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def assert_one_line_error(capsys, code, *fragments):
 
 def test_class_metrics_match_a_hand_computation():
     confusion = torch.tensor([[4, 1, 1], [2, 2, 0], [0, 0, 0]])  # rows: true class; class 2 is never true
-    m = evaluate.class_metrics(confusion)
+    m = evaluation.class_metrics(confusion)
     # By hand: predicted per class (column sums) 6, 3, 1; support (row sums) 6, 4, 0.
     assert m["precision"] == pytest.approx([4 / 6, 2 / 3, 0.0])
     assert m["recall"] == pytest.approx([4 / 6, 2 / 4, 0.0])
@@ -38,7 +38,7 @@ def test_class_metrics_match_a_hand_computation():
     assert m["support"] == [6, 4, 0]
     assert m["macro_f1"] == pytest.approx((2 / 3 + 4 / 7) / 3)
     # Negative control: reading the matrix the other way round swaps precision and recall.
-    assert evaluate.class_metrics(confusion.T)["precision"][1] == pytest.approx(2 / 4)
+    assert evaluation.class_metrics(confusion.T)["precision"][1] == pytest.approx(2 / 4)
 
 
 def test_counts_are_exact_and_json_has_every_field(tiny_data, tiny_run, tmp_path, capsys):
@@ -53,9 +53,9 @@ def test_counts_are_exact_and_json_has_every_field(tiny_data, tiny_run, tmp_path
 
     # The same numbers computed directly: the whole test split in one batch, no accelerate.
     split = load_split("mnist", tiny_data, train=False)
-    model = evaluate.load_model(tiny_run / "best").model
+    model = evaluation.load_model(tiny_run / "best").model
     with torch.no_grad():
-        logits = model(to_model_input(split.images))
+        logits = model(model_input(split.images))
     confusion = torch.bincount(split.labels * 10 + logits.argmax(1), minlength=100).view(10, 10)
     assert result["seen"] == TINY_TEST
     assert result["confusion_matrix"] == confusion.tolist()

@@ -83,7 +83,7 @@ def test_training_steps_never_synchronise(run_main, tiny_data, tmp_path, monkeyp
     from trainer import engine
     from trainer.console import Reporter
 
-    real_input, real_end, steps = engine.to_model_input, Reporter.end_epoch, []
+    real_input, real_end, steps = engine.model_input, Reporter.end_epoch, []
 
     def strict_from_step_two(*args, **kwargs):
         steps.append(1)
@@ -95,7 +95,7 @@ def test_training_steps_never_synchronise(run_main, tiny_data, tmp_path, monkeyp
         torch.cuda.set_sync_debug_mode(0)
         return real_end(self)
 
-    monkeypatch.setattr(engine, "to_model_input", strict_from_step_two)
+    monkeypatch.setattr(engine, "model_input", strict_from_step_two)
     monkeypatch.setattr(Reporter, "end_epoch", relaxed)
     try:
         result = run_main(gpu_args(tiny_data, tmp_path, "--epochs", "2", "--mixed-precision", precision))

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from trainer import checkpoint as ckpt
-from trainer import evaluate, predict
+from trainer import evaluate, evaluation, predict
 
 NAMES = ("zebra", "apple", "mango")  # written in this order; the classes are their sorted order
 CLASSES = sorted(NAMES)
@@ -162,7 +162,7 @@ def model_probabilities(checkpoint: Path, files: list[str]) -> torch.Tensor:
     pixels = torch.stack(decoded).float() / 255
     inputs = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels.permute(0, 3, 1, 2)  # grey, or H x W x RGB
     with torch.no_grad():
-        return evaluate.load_model(checkpoint).model(inputs).softmax(dim=1)
+        return evaluation.load_model(checkpoint).model(inputs).softmax(dim=1)
 
 
 def test_second_run_reads_the_cache_and_new_content_or_size_is_decoded_again(run_main, tmp_path, monkeypatch):

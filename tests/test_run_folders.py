@@ -146,14 +146,14 @@ def test_divergence_in_epoch_two_keeps_the_last_finite_checkpoint_best(
     run_main, tiny_data, tmp_path, monkeypatch, save_every
 ):
     """NaN inputs from step 5 on (the first step of epoch 2): the loss stops being finite."""
-    real_input, calls = engine.to_model_input, []
+    real_input, calls = engine.model_input, []
 
     def poisoned(images, *args, **kwargs):
         calls.append(1)
         x = real_input(images, *args, **kwargs)
         return x * float("nan") if len(calls) >= 5 else x
 
-    monkeypatch.setattr(engine, "to_model_input", poisoned)
+    monkeypatch.setattr(engine, "model_input", poisoned)
     extra = ["--save-every", str(save_every)] if save_every else []
     result = run_main(tiny_args(tiny_data, tmp_path, "--epochs", "3", "--limit-train-batches", "4", *extra))
     line = one_line_error(result, code=3)
@@ -166,14 +166,14 @@ def test_divergence_in_epoch_two_keeps_the_last_finite_checkpoint_best(
 
 @pytest.mark.slow
 def test_divergence_on_one_of_two_processes_stops_both(tiny_data, tmp_path, monkeypatch):
-    real_input, calls = engine.to_model_input, []
+    real_input, calls = engine.model_input, []
 
     def poisoned_on_rank_1(images, *args, **kwargs):
         calls.append(1)
         x = real_input(images, *args, **kwargs)
         return x * float("nan") if os.environ.get("RANK") == "1" and len(calls) >= 3 else x
 
-    monkeypatch.setattr(engine, "to_model_input", poisoned_on_rank_1)
+    monkeypatch.setattr(engine, "model_input", poisoned_on_rank_1)
     args = tiny_args(tiny_data, tmp_path, "--epochs", "1")  # 12 steps: the save at the epoch's end sees it
     forked = fork_processes(["--cpu", *args], nproc=2)
     result = forked.wait(300)
@@ -185,7 +185,7 @@ def test_divergence_on_one_of_two_processes_stops_both(tiny_data, tmp_path, monk
 
 def test_a_complete_run_stays_complete(run_main, tiny_data, tmp_path, monkeypatch):
     args = tiny_args(tiny_data, tmp_path, "--epochs", "2", "--limit-train-batches", "3")
-    real_input, calls = engine.to_model_input, []
+    real_input, calls = engine.model_input, []
 
     def interrupt_the_last_step(*a, **kw):
         calls.append(1)
@@ -194,7 +194,7 @@ def test_a_complete_run_stays_complete(run_main, tiny_data, tmp_path, monkeypatc
         return real_input(*a, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "to_model_input", interrupt_the_last_step)
+        patch.setattr(engine, "model_input", interrupt_the_last_step)
         done = run_main(args)
     assert done.returncode == 0, done.stderr
     assert "SIGINT came after the last step: the run is complete" in done.stdout

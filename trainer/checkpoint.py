@@ -23,9 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-# 2: the float parts of the RNG states are stored as int64 bits (`*_bits`); version 1 is still read.
+# What a reader can expect of a checkpoint folder; docs/checkpoints.md says what changes bump it.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
 MODEL_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
@@ -40,6 +39,13 @@ TMP_PREFIX = ".tmp-"
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used or written: reported as one line, exit code 2."""
+
+
+def folder_of(path: str | os.PathLike) -> Path:
+    """The checkpoint folder a user names: the folder itself (or a `best` link), or the folder of
+    its model.safetensors."""
+    path = Path(path)
+    return path.parent if path.name == MODEL_NAME else path
 
 
 def step_dir_name(step: int) -> str:
@@ -266,7 +272,7 @@ def verify(folder: Path) -> dict[str, Any]:
         version = manifest["format_version"]
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{manifest_path} is not a valid manifest") from None
-    if version not in READABLE_VERSIONS:
+    if version != FORMAT_VERSION:
         raise CheckpointError(
             f"{folder} has checkpoint format version {version}; this trainer reads version {FORMAT_VERSION}"
         )

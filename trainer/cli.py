@@ -53,7 +53,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(typed_only: bool = False) -> argparse.ArgumentParser:
+    """The flags, one per TrainConfig field. `typed_only`: every default is argparse.SUPPRESS, so
+    that parsing returns only the flags the user typed."""
     from trainer import __version__
 
     parser = _Parser(
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Several processes: accelerate launch [--config_file launch_configs/NAME.yaml] -m trainer ...; "
         "on a CPU-only machine: torchrun --nproc_per_node N -m trainer --cpu ...",
         formatter_class=_HelpFormatter,
+        argument_default=argparse.SUPPRESS if typed_only else None,
     )
     parser.add_argument("--version", action="version", version=f"trainer {__version__}")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
@@ -70,15 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         group = groups[f.metadata["group"]]
+        default = argparse.SUPPRESS if typed_only else f.default
         if hints[f.name] is bool:
             action = argparse.BooleanOptionalAction if f.default else "store_true"
-            group.add_argument(flag, dest=f.name, action=action, default=f.default, help=f.metadata["help"])
+            group.add_argument(flag, dest=f.name, action=action, default=default, help=f.metadata["help"])
         else:
             group.add_argument(
                 flag,
                 dest=f.name,
                 type=_flag_type(str(f.type)),
-                default=f.default,
+                default=default,
                 choices=f.metadata.get("choices"),
                 metavar=None if f.metadata.get("choices") else METAVARS.get(f.name, "VALUE"),
                 help=f.metadata["help"],
@@ -87,41 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags -> TrainConfig. With --resume, flags not given on the command line come from the checkpoint."""
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    explicit = _explicit_names(parser, argv)
-    if args["resume"] is not None:
-        state = _checkpoint_state(args)
-        for name, value in state["config"].items():
-            if name not in explicit and name not in NOT_RESUMED and name in args:
-                args[name] = value
-        if args["resume"] != "latest" and "output_dir" not in explicit:
+    """Flags -> TrainConfig: TrainConfig's defaults, then (with --resume) the checkpoint's settings,
+    then the flags the user typed."""
+    values = vars(build_parser().parse_args(argv))  # --help, --version and malformed values end here
+    typed = vars(build_parser(typed_only=True).parse_args(argv))
+    if values["resume"] is not None:
+        from trainer import checkpoint as ckpt  # torch, after the flags were settled
+
+        state = _checkpoint_state(values)
+        resumed = {k: v for k, v in state["config"].items() if k in values and k not in NOT_RESUMED}
+        values = values | resumed | typed
+        if values["resume"] != "latest" and "output_dir" not in typed:
             # A branch (--run-name) goes beside the run it branches from; without --run-name the
             # Trainer continues in the checkpoint's own run folder.
-            checkpoint = Path(args["resume"])
-            checkpoint = checkpoint.parent if checkpoint.name == "model.safetensors" else checkpoint
-            args["output_dir"] = str(checkpoint.absolute().parent.parent)
-        if "mixed_precision" not in explicit and not os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            values["output_dir"] = str(ckpt.folder_of(values["resume"]).absolute().parent.parent)
+        if "mixed_precision" not in typed and not os.environ.get("ACCELERATE_MIXED_PRECISION"):
             # The precision the run was trained in, whatever set it then (a flag, a launch config).
-            args["mixed_precision"] = state.get("mixed_precision", state["config"].get("mixed_precision"))
-    return TrainConfig(**args)
-
-
-def _explicit_names(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The dests the user actually typed (a second parse where every default is a sentinel)."""
-    sentinel = object()
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:  # argparse offers no public way to copy its actions
-        if action.option_strings and action.dest != "help":
-            kwargs: dict[str, Any] = {"dest": action.dest, "default": sentinel}
-            if isinstance(action, argparse.BooleanOptionalAction):
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif isinstance(action, argparse._StoreTrueAction):
-                kwargs["action"] = "store_true"
-            probe.add_argument(*action.option_strings, **kwargs)
-    values = vars(probe.parse_known_args(argv)[0])
-    return {k for k, v in values.items() if v is not sentinel}
+            values["mixed_precision"] = state["mixed_precision"]
+    return TrainConfig(**values)
 
 
 def _checkpoint_state(args: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +120,7 @@ def _checkpoint_state(args: dict[str, Any]) -> dict[str, Any]:
     folder = agree_on_checkpoint(args["resume"], run_dir)
     try:
         state = json.loads((folder / ckpt.STATE_NAME).read_text())
-        state["config"]["epochs"]  # noqa: B018 (a state without a config is unreadable)
+        state["config"]["epochs"], state["mixed_precision"]  # noqa: B018 (a state without these is unreadable)
         return state
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise ckpt.CheckpointError(f"{folder / ckpt.STATE_NAME}: unreadable run configuration ({exc})") from None

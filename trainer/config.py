@@ -172,11 +172,10 @@ class TrainConfig:
             changes["dataset"] = "imagefolder:" + os.path.abspath(self.dataset.split(":", 1)[1])
             changes["run_name"] = self.name
         if self.resume not in (None, "latest") and self.run_name is None:
-            checkpoint = os.path.abspath(self.resume)
-            if os.path.basename(checkpoint) == "model.safetensors":
-                checkpoint = os.path.dirname(checkpoint)
-            run = os.path.dirname(checkpoint)
-            changes.update(output_dir=os.path.dirname(run), run_name=os.path.basename(run))
+            from trainer.checkpoint import folder_of  # here: the CLI's --help needs no torch
+
+            run = folder_of(self.resume).absolute().parent
+            changes.update(output_dir=str(run.parent), run_name=run.name)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.errors import DataError, first_line
 from trainer.imagefolder import image_folder_path, load_image_folder
+from trainer.runtime import cores, local_processes
 
 # torchvision class name, its folder under --data-dir, and the class names shown to users.
 DATASET_INFO: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -378,7 +379,7 @@ def make_loader(
         dataset, kwargs = TensorImages(data, sampler), {"collate_fn": whole_batch, "num_workers": 0}
     else:
         if num_workers is None:
-            num_workers = 0 if device.type == "cpu" else min(4, max(1, _cores() // _local_processes() - 1))
+            num_workers = 0 if device.type == "cpu" else min(4, max(1, cores() // local_processes() - 1))
         # Each epoch's workers start anew, from the sampler's new position.
         kwargs = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
         dataset = PositionedDataset(data, sampler)
@@ -396,19 +397,17 @@ def _fits_on(device: torch.device, split: Split) -> bool:
     return size <= 2 << 30
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _local_processes() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def to_model_input(images: Tensor, channels_last: bool = False) -> Tensor:
-    """What the model sees. uint8 pixels [B, H, W] or [B, C, H, W] -> float [B, C, H, W] scaled to
-    [0, 1], on the images' device; any other inputs as they are."""
-    if images.dtype != torch.uint8:
-        return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
-    x = images.unsqueeze(1) if images.dim() == 3 else images
-    x = x.to(torch.float32).div_(NORMALIZATION["divide_by"])
+def model_input(
+    pixels: Tensor, normalization: dict[str, float] | None = NORMALIZATION, channels_last: bool = False
+) -> Tensor:
+    """What the model sees, in training, evaluate and predict alike: pixels [B, H, W] or [B, C, H, W]
+    (uint8, or floats on the 0-255 scale) -> float [B, C, H, W] normalised, on the pixels' device.
+    `normalization` None: inputs that are not pixels, as they are."""
+    if normalization is None:
+        return pixels.contiguous(memory_format=torch.channels_last) if channels_last and pixels.dim() == 4 else pixels
+    x = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels
+    x = x.to(torch.float32).div(normalization["divide_by"])  # never in place: float pixels may be the caller's
+    mean, std = normalization.get("mean", 0.0), normalization.get("std", 1.0)
+    if mean != 0.0 or std != 1.0:
+        x = x.sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

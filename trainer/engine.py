@@ -31,9 +31,9 @@ from trainer.console import Reporter
 from trainer.data import (
     check_labels,
     make_loader,
+    model_input,
     named_source,
     readable_labels,
-    to_model_input,
     user_source,
 )
 from trainer.errors import first_line
@@ -107,7 +107,7 @@ class Trainer:
 
     def _setup(self, model: nn.Module | None, train_data: Any, eval_data: Any, class_names: Any) -> None:
         config = self.config
-        self._check_processes()
+        runtime.check_distributed(self.accelerator, "train alone and write the same files")
         from accelerate.utils import set_seed
 
         set_seed(config.seed)
@@ -142,14 +142,6 @@ class Trainer:
         return self.log.history
 
     # ------------------------------------------------------------------ setup
-    def _check_processes(self) -> None:
-        launched = runtime.world_size()
-        if launched > 1 and self.num_processes == 1:
-            raise ConfigError(
-                f"{launched} processes were launched but accelerate sees no distributed setup, so each would "
-                "train alone and write the same files; on a CPU-only machine pass --cpu (gloo)"
-            )
-
     def _setup_data(self, train_data: Dataset | None, eval_data: Dataset | None) -> None:
         cfg, acc = self.config, self.accelerator
         self.data = user_source(train_data, eval_data) if train_data is not None else self._load_data()
@@ -206,7 +198,7 @@ class Trainer:
         self.architecture = cfg.model if builtin else f"{type(model).__module__}:{type(model).__qualname__}"
         if not builtin or self.data.class_names is None:  # the model says how many classes it tells apart
             example = self.data.example if self.data.example is not None else self.data.train[0][0]
-            classes = output_classes(model, to_model_input(torch.as_tensor(example).unsqueeze(0)))
+            classes = output_classes(model, model_input(torch.as_tensor(example).unsqueeze(0), self.data.normalization))
             names = names or tuple(str(k) for k in range(classes))
             if len(names) != classes:
                 raise ConfigError(
@@ -228,12 +220,19 @@ class Trainer:
 
     def _start_sampler(self, epoch: int, start: int) -> int:
         """Points the training sampler at sample `start` of `epoch`; returns the optimizer steps left."""
-        cfg = self.config
-        stop = None
-        if cfg.limit_train_batches is not None:
-            stop = min(self.train_size, cfg.limit_train_batches * self.num_processes * cfg.batch_size)
-        self.train_sampler.set_position(epoch, start, stop)
+        self.train_sampler.set_position(epoch, start, self._train_samples())
         return len(self.train_loader)
+
+    def _train_samples(self) -> int:
+        """The samples an epoch covers: all, or the first --limit-train-batches steps' worth."""
+        return self._limited(self.train_size, self.config.limit_train_batches, self.config.batch_size)
+
+    def _eval_images(self) -> int:
+        """The images an evaluation covers: all, or the first --limit-eval-batches batches' worth."""
+        return self._limited(self.test_size, self.config.limit_eval_batches, self.config.eval_batch_size)
+
+    def _limited(self, size: int, batches_per_process: int | None, batch_size: int) -> int:
+        return size if batches_per_process is None else min(size, batches_per_process * self.num_processes * batch_size)
 
     def _setup_schedule(self) -> None:
         """OneCycle over the run, in units of one per-process batch of data.
@@ -244,11 +243,8 @@ class Trainer:
         `(steps - 1) * N + 1` units puts the last optimizer step exactly on OneCycle's final LR.
         """
         cfg = self.config
-        samples = self.train_size
-        if cfg.limit_train_batches is not None:
-            samples = min(samples, cfg.limit_train_batches * self.num_processes * cfg.batch_size)
         # What accelerate's sharding of the drop_last loader gives each process (checked after prepare).
-        self.steps_per_epoch = samples // cfg.batch_size // self.num_processes
+        self.steps_per_epoch = self._train_samples() // cfg.batch_size // self.num_processes
         total_steps = self.steps_per_epoch * cfg.epochs
         self.scheduler = state.new_onecycle(self.optimizer, cfg, (total_steps - 1) * self.num_processes + 1)
 
@@ -372,7 +368,7 @@ class Trainer:
             rng = state.torch_rng()
             try:  # the data and the model: a failure here leaves the state of the last whole step
                 inputs, labels = next(batches)
-                logits = self.model(to_model_input(inputs, cfg.channels_last))
+                logits = self.model(model_input(inputs, self.data.normalization, cfg.channels_last))
                 loss = F.cross_entropy(logits, labels)
                 acc.backward(loss)
             except Exception:
@@ -412,12 +408,6 @@ class Trainer:
 
     def _save_due(self) -> bool:
         return bool(self.config.save_every) and self.position.step % self.config.save_every == 0
-
-    def _eval_images(self) -> int:
-        cfg = self.config
-        if cfg.limit_eval_batches is None:
-            return self.test_size
-        return min(self.test_size, cfg.limit_eval_batches * self.num_processes * cfg.eval_batch_size)
 
     def evaluate(self) -> EvalResult:
         """Exact counts over the test split (or its first --limit-eval-batches batches per process)."""

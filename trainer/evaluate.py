@@ -10,7 +10,6 @@ every image is still counted exactly once, by the same loop as in training
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import torch
@@ -18,16 +17,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.config import PRECISIONS, ConfigError, TrainConfig
 from trainer.data import input_shape_of, make_loader
-from trainer.evaluation import (  # noqa: F401 (also this module's public names, as before the split)
-    EvalResult,
-    LoadedModel,
-    class_metrics,
-    evaluate_model,
-    load_model,
-    load_test_split,
-    model_file,
-    model_input,
-)
+from trainer.evaluation import EvalResult, LoadedModel, class_metrics, evaluate_model, load_model, load_test_split
 
 
 def report(result: EvalResult, loaded: LoadedModel, **extra: Any) -> dict[str, Any]:
@@ -71,7 +61,7 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     names = summary["class_names"]
     # MNIST's names are its digits; other data sets' names are worth a column.
     named = names != [str(k) for k in range(len(names))]
-    where = f"step {summary['step']}, epoch {summary['epoch']}" if summary["step"] is not None else "no step recorded"
+    where = f"step {summary['step']}, epoch {summary['epoch']}"
     console.print(f"checkpoint {summary['checkpoint']} ({summary['architecture']}, {where})", soft_wrap=True)
     console.print(
         f"{summary['dataset']} test split: accuracy [bold]{summary['accuracy']:.4f}[/] "
@@ -145,15 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from trainer.errors import write_json
-    from trainer.runtime import make_accelerator
+    from trainer.runtime import check_distributed, make_accelerator
 
     acc = make_accelerator(TrainConfig(cpu=args.cpu, mixed_precision=args.mixed_precision))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and acc.num_processes == 1:  # each process would evaluate everything and print it
-        raise ConfigError(
-            f"{launched} processes were launched but accelerate sees no distributed setup; "
-            "on a CPU-only machine pass --cpu (gloo)"
-        )
+    check_distributed(acc, "evaluate everything and print it")
     loaded = load_model(args.checkpoint, args.model)
     with acc.main_process_first():  # one process downloads or decodes; the others then read the files
         split = load_test_split(loaded, args.data_dir)

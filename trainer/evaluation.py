@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from trainer import checkpoint as ckpt
 from trainer.config import CUSTOM_DATA, ConfigError
-from trainer.data import DATASET_INFO, NORMALIZATION, load_split
+from trainer.data import DATASET_INFO, NORMALIZATION, load_split, model_input
 from trainer.errors import first_line
 from trainer.model import MODELS, build_model
 
@@ -51,8 +51,8 @@ class LoadedModel:
     class_names: tuple[str, ...]
     normalization: dict[str, float] | None  # None: the inputs are not pixels
     input_shape: tuple[int, ...]  # [channels, height, width]
-    step: int | None
-    epoch: int | None
+    step: int
+    epoch: int
 
 
 def model_file(checkpoint: str | os.PathLike) -> Path:
@@ -105,17 +105,14 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
     if dataset not in DATASET_INFO and not str(dataset).startswith("imagefolder:") and dataset != CUSTOM_DATA:
         raise ckpt.CheckpointError(f"{path}: unknown data set {dataset!r} (known: {', '.join(DATASET_INFO)})")
     try:
-        names = tuple(str(n) for n in json.loads(meta["class_names"])) if "class_names" in meta else None
-        class_names = names or DATASET_INFO[dataset][1]
-        saved = json.loads(meta.get("normalization", "{}"))
+        class_names = tuple(str(n) for n in json.loads(meta["class_names"]))
+        saved = json.loads(meta["normalization"])  # {}: the inputs are not pixels
         normalization = {**NORMALIZATION, **{k: float(v) for k, v in saved.items()}} if saved else None
-        if dataset in DATASET_INFO:
-            normalization = normalization or NORMALIZATION  # checkpoints before the normalisation was recorded
-        input_shape = tuple(int(d) for d in json.loads(meta.get("input_shape", "[1, 28, 28]")))
-        num_classes = int(meta.get("num_classes", len(class_names)))
-        step = int(meta["step"]) if meta.get("step") else None
-        epoch = int(meta["epoch"]) if meta.get("epoch") else None
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        input_shape = tuple(int(d) for d in json.loads(meta["input_shape"]))
+        num_classes, step, epoch = int(meta["num_classes"]), int(meta["step"]), int(meta["epoch"])
+    except KeyError as exc:
+        raise ckpt.CheckpointError(f"{path}: its metadata lacks {exc} (not written by this trainer?)") from None
+    except (ValueError, TypeError, AttributeError) as exc:
         raise ckpt.CheckpointError(f"{path}: unreadable metadata ({first_line(exc)})") from None
     if len(class_names) != num_classes:
         raise ckpt.CheckpointError(f"{path}: {len(class_names)} class names for {num_classes} classes")
@@ -161,25 +158,6 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None) -> Any:
             raise ConfigError(f"{folder} now holds the classes {', '.join(names)}, not the checkpoint's")
         return Split(images, labels)
     return load_split(loaded.dataset, data_dir, train=False)
-
-
-def model_input(
-    pixels: Tensor, normalization: dict[str, float] | None = NORMALIZATION, channels_last: bool = False
-) -> Tensor:
-    """Pixel values [B, H, W] or [B, C, H, W] (uint8, or floats on the 0-255 scale) -> the float
-    [B, C, H, W] the model was trained on (`normalization` None: inputs that are not pixels, as they are).
-
-    With the default normalisation these are the operations of `trainer.data.to_model_input`, so a
-    uint8 image gives bit-identical inputs here, in training and in `trainer.predict`.
-    """
-    if normalization is None:  # inputs that are not pixels go to the model as they are
-        return pixels.contiguous(memory_format=torch.channels_last) if channels_last and pixels.dim() == 4 else pixels
-    x = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels
-    x = x.to(torch.float32).div(normalization["divide_by"])  # never in place: may alias `pixels`
-    mean, std = normalization.get("mean", 0.0), normalization.get("std", 1.0)
-    if mean != 0.0 or std != 1.0:
-        x = x.sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.no_grad()

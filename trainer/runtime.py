@@ -48,6 +48,25 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_processes() -> int:
+    """The processes the launcher started on this machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_distributed(accelerator: Any, each_would: str) -> None:
+    """Several processes launched without a distributed setup would each work alone: refused."""
+    if world_size() > 1 and accelerator.num_processes == 1:
+        raise ConfigError(
+            f"{world_size()} processes were launched but accelerate sees no distributed setup, so each would "
+            f"{each_would}; on a CPU-only machine pass --cpu (gloo)"
+        )
+
+
 # What this process's launcher is, read once per process: (pid, launcher argv, the launcher's
 # own OMP_NUM_THREADS or None).
 _launcher: tuple[int, list[str] | None, str | None] | None = None
@@ -97,9 +116,8 @@ def cpu_threads(requested: int | None) -> tuple[int, str]:
             return max(1, int(omp)), "OMP_NUM_THREADS"
         except ValueError:
             pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores // local), f"{cores} cores / {local} process{'es' if local > 1 else ''}"
+    mine, local = cores(), local_processes()
+    return max(1, mine // local), f"{mine} cores / {local} process{'es' if local > 1 else ''}"
 
 
 def _read_launcher_argv() -> list[str] | None:
@@ -163,9 +181,7 @@ def resolve_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] =
         if folder is None:
             raise ckpt.CheckpointError(f"--resume latest: no complete checkpoint in {run_dir}")
         return folder
-    folder = Path(resume)
-    if folder.name == ckpt.MODEL_NAME:
-        folder = folder.parent
+    folder = ckpt.folder_of(resume)
     if not folder.exists():
         raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint folder")
     folder = folder.resolve()
@@ -207,9 +223,7 @@ def agree_on_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] 
     if choice[0] < 0:  # the main process found nothing to resume: it says why, the others stop quietly
         raise error if error is not None else PeerError("process 0 could not find the checkpoint to resume")
     if not state.is_main_process:
-        mine = run_dir / ckpt.step_dir_name(choice[0]) if resume == "latest" else Path(resume)
-        if mine.name == ckpt.MODEL_NAME:
-            mine = mine.parent
+        mine = run_dir / ckpt.step_dir_name(choice[0]) if resume == "latest" else ckpt.folder_of(resume)
         try:
             ckpt.verify(mine)
             if _manifest_digest(mine) != choice[1:]:
@@ -396,7 +410,7 @@ def resume_command(args: list[str] | None = None) -> str:
     if launcher is not None:  # the launcher as it was started: its config file sets the precision again
         return shlex.join([*launcher, "-m", "trainer", *cleaned])
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1"), "-m", "trainer"]
+        launcher = ["torchrun", "--nproc_per_node", str(local_processes()), "-m", "trainer"]
     elif any(k.startswith("ACCELERATE_") for k in os.environ):
         launcher = ["accelerate", "launch", "-m", "trainer"]
     else:

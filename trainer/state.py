@@ -282,24 +282,22 @@ def float_bits(values: list[float]) -> Tensor:
     return torch.tensor(struct.unpack(f"<{len(values)}q", struct.pack(f"<{len(values)}d", *values)))
 
 
-def floats(state: dict[str, Tensor], name: str) -> list[float]:
-    """Undoes `float_bits` (`name`_bits); checkpoints of format 1 hold `name` as float64."""
-    if name in state:
-        return state[name].tolist()
-    bits = state[f"{name}_bits"].tolist()
-    return list(struct.unpack(f"<{len(bits)}d", struct.pack(f"<{len(bits)}q", *bits)))
+def floats(bits: Tensor) -> list[float]:
+    """Undoes `float_bits`."""
+    values = bits.tolist()
+    return list(struct.unpack(f"<{len(values)}d", struct.pack(f"<{len(values)}q", *values)))
 
 
 def set_rng_state(state: dict[str, Tensor]) -> None:
     torch.set_rng_state(state["torch"].to(torch.uint8).clone())  # a row view: torch reads its storage
-    (gauss,) = floats(state, "python_gauss")
+    (gauss,) = floats(state["python_gauss_bits"])
     random.setstate((3, tuple(int(v) for v in state["python_mt"].tolist()), None if gauss != gauss else gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).clone())
     if "numpy_keys" in state:
         import numpy as np
 
-        pos, has_gauss, cached = floats(state, "numpy_rest")
+        pos, has_gauss, cached = floats(state["numpy_rest_bits"])
         np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), int(pos), int(has_gauss), cached))
 
 
