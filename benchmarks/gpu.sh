@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark on a one-GPU machine without internet: the blog's loop, the Trainer and the bare
-# loop, EPOCHS (10) epochs per round, ROUNDS (2) rounds, on CUDA; then the per-step overhead at a
-# small batch and the host-sync check. Prints compare.py's table; the JSON goes to RESULTS_DIR.
+# The benchmark on a one-GPU machine without internet: the blog's loop, the trainer in-process and
+# the README's `accelerate launch` command, EPOCHS (10) epochs per round, ROUNDS (2) rounds, on
+# CUDA. Prints compare.py's table; the JSON and the log go to RESULTS_DIR.
 #
 # Nothing is installed: it needs a python3 with torch (CUDA), torchvision, accelerate, rich and
 # safetensors, and imports `trainer` from this checkout (PYTHONPATH), installed or not.
@@ -10,7 +10,7 @@
 #   mkdir -p data/MNIST/raw && cp ../shared/data/MNIST/raw/*-ubyte data/MNIST/raw/    # /data/ is git-ignored
 # (55 MB; or gzip the four files in place, 11 MB: the script unpacks *.gz into a scratch folder).
 # Then, on the GPU machine, from the repository root:
-#   bash benchmarks/gpu.sh [extra compare.py flags, e.g. --mixed-precision bf16]
+#   bash benchmarks/gpu.sh [extra compare.py flags, e.g. --mixed-precision bf16 --compile]
 # Environment: DATA_DIR (data), EPOCHS (10), ROUNDS (2), BUDGET_S (270: compare.py is stopped
 # then and prints what it has), RESULTS_DIR (benchmarks/results), PYTHON (python3).
 set -euo pipefail
@@ -75,6 +75,6 @@ stamp=$(date +%Y%m%d-%H%M%S)
 status=0
 timeout -s TERM -k 30 "$BUDGET_S" "$PYTHON" benchmarks/compare.py \
   --device cuda --data-dir "$DATA_DIR" --epochs "$EPOCHS" --rounds "$ROUNDS" \
-  --overhead 200 --sync-check 20 --json "$RESULTS_DIR/gpu-$stamp.json" "$@" \
+  --json "$RESULTS_DIR/gpu-$stamp.json" "$@" \
   2>&1 | tee "$RESULTS_DIR/gpu-$stamp.log" || status=$?
 exit "$status"

@@ -2,7 +2,7 @@
 # The prepared GPU check, in one command, for a lent GPU machine (about 8 minutes):
 #   1. `pytest -m gpu`: hundreds of steps in fp32, bf16 and fp16, exact mid-epoch resumes, no
 #      host sync in the training step, evaluate and predict on the GPU;
-#   2. benchmarks/gpu.sh: the blog's loop, the Trainer and the bare loop on real MNIST.
+#   2. benchmarks/gpu.sh: the blog's loop, the trainer and the README's launched command on real MNIST.
 #
 # Before sending the checkout, from the repository root, put MNIST where gpu.sh reads it
 # (/data/ is git-ignored; gzipped it is 11 MB):
