@@ -61,14 +61,32 @@ def write_dataset(root: Path, folder: str = "MNIST", n_train: int = TINY_TRAIN, 
     return root
 
 
+def session_root(factory: pytest.TempPathFactory) -> Path:
+    """pytest's base temp folder of this session, shared by its xdist workers (pytest-N/); pytest
+    removes it after a passing run (tmp_path_retention_policy = "failed" in pyproject.toml)."""
+    root = factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+# Where forked processes write their output: the session's base temp folder (set by _scratch).
+SCRATCH: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Nothing the suite writes stays in the system temp folder: forked processes' logs and
+    torch.compile's cache go under the session's base temp folder."""
+    global SCRATCH
+    SCRATCH = session_root(tmp_path_factory)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(SCRATCH / "inductor")
+
+
 def build_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """A folder that `build` fills once per test session, however many pytest-xdist workers ask
     for it: the first one builds it under a file lock, the others wait and reuse it. (Session
     fixtures are per worker, and xdist's `loadgroup`, which could keep their users on one worker,
     silently stopped grouping with pytest 9.2: pytest-dev/pytest-xdist#1386.)"""
-    root = factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # pytest-N/, shared by this session's workers and by no other session
+    root = session_root(factory)
     folder, done = root / name, root / f"{name}.done"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -317,7 +335,7 @@ def fork_processes(
     import trainer.engine  # noqa: F401
     import trainer.evaluate  # noqa: F401
 
-    logs = Path(tempfile.mkdtemp(prefix="forked-")) if logs is None else logs
+    logs = Path(tempfile.mkdtemp(prefix="forked-", dir=SCRATCH)) if logs is None else logs
     logs.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     pids = []
