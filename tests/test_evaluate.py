@@ -107,11 +107,11 @@ def garbage_file(run, tmp_path):
     "make, fragment",
     [
         (lambda run, tmp: tmp / "nowhere", "no such checkpoint"),
-        (lambda run, tmp: run, "holds no model.safetensors"),  # a run folder instead of a checkpoint
+        (lambda run, tmp: tmp, "holds no model.safetensors"),  # a folder that is neither checkpoint nor run
         (corrupt_copy, "sha256"),
         (garbage_file, "not a readable safetensors file"),
     ],
-    ids=["missing", "run-folder", "corrupted", "garbage"],
+    ids=["missing", "other-folder", "corrupted", "garbage"],
 )
 def test_a_bad_checkpoint_is_one_line_and_exit_2(tiny_data, tiny_run, tmp_path, capsys, make, fragment):
     code = evaluate.main([str(make(tiny_run, tmp_path)), "--data-dir", str(tiny_data), "--cpu"])

@@ -127,11 +127,13 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK_NAME
         self._file: Any = None
+        self._made_folder = False
 
     def acquire(self) -> None:
         import fcntl
         import socket
 
+        self._made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         file = open(self.path, "a+")  # noqa: SIM115 (held open as long as the lock)
         try:
@@ -154,8 +156,12 @@ class RunLock:
         self._file = file
 
     def release(self) -> None:
-        """Closing the file releases the lock (so does the file's garbage collection, or the process's end)."""
+        """Closing the file releases the lock (so does the file's garbage collection, or the process's end).
+        A run folder this lock made and nothing else wrote to (a refused run) is removed with it."""
         if self._file is not None:
+            if self._made_folder and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+                self.path.unlink()
+                self.path.parent.rmdir()
             self._file.close()
             self._file = None
 
@@ -286,6 +292,14 @@ def verify(folder: Path) -> dict[str, Any]:
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path} fails its sha256 check (corrupted)")
     return manifest
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """state.json of a verified checkpoint folder."""
+    try:
+        return json.loads((folder / STATE_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {folder / STATE_NAME}: {exc}") from None
 
 
 def load(folder: Path) -> CheckpointContents:

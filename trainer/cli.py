@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import typing
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig
-from trainer.errors import ConfigError, fail
+from trainer.errors import ConfigError, HelpFormatter, Parser, fail
 
 # Settings of where and how this command runs, never taken from a checkpoint on --resume (the
 # run folder is the checkpoint's own unless --run-name branches off; see parse_config).
@@ -36,35 +35,18 @@ METAVARS = {
 }  # fmt: skip
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Shows a default once, and only where there is one (a help text that names it is left alone)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class _Parser(argparse.ArgumentParser):
-    """A bad flag or value is one line and exit code 2, like every other user error."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser(typed_only: bool = False) -> argparse.ArgumentParser:
     """The flags, one per TrainConfig field. `typed_only`: every default is argparse.SUPPRESS, so
     that parsing returns only the flags the user typed."""
     from trainer import __version__
 
-    parser = _Parser(
+    parser = Parser(
         prog="trainer",
         description="Train the blog's ResNet-style CNN (or --model) on MNIST (or --dataset, an image folder too) "
         "with SGD + OneCycleLR, on 1 to N processes.",
         epilog="Several processes: accelerate launch [--config_file launch_configs/NAME.yaml] -m trainer ...; "
         "on a CPU-only machine: torchrun --nproc_per_node N -m trainer --cpu ...",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         argument_default=argparse.SUPPRESS if typed_only else None,
     )
     parser.add_argument("--version", action="version", version=f"trainer {__version__}")
@@ -81,7 +63,7 @@ def build_parser(typed_only: bool = False) -> argparse.ArgumentParser:
             group.add_argument(
                 flag,
                 dest=f.name,
-                type=_flag_type(str(f.type)),
+                type=str.lower if f.metadata.get("choices") else _flag_type(str(f.type)),
                 default=default,
                 choices=f.metadata.get("choices"),
                 metavar=None if f.metadata.get("choices") else METAVARS.get(f.name, "VALUE"),
@@ -117,13 +99,12 @@ def _checkpoint_state(args: dict[str, Any]) -> dict[str, Any]:
     from trainer.runtime import agree_on_checkpoint
 
     run_dir = Path(args["output_dir"]) / TrainConfig(**{**args, "resume": None}).name
-    folder = agree_on_checkpoint(args["resume"], run_dir)
+    state = ckpt.read_state(agree_on_checkpoint(args["resume"], run_dir))
     try:
-        state = json.loads((folder / ckpt.STATE_NAME).read_text())
         state["config"]["epochs"], state["mixed_precision"]  # noqa: B018 (a state without these is unreadable)
-        return state
-    except (KeyError, TypeError, ValueError, OSError) as exc:
-        raise ckpt.CheckpointError(f"{folder / ckpt.STATE_NAME}: unreadable run configuration ({exc})") from None
+    except (KeyError, TypeError) as exc:
+        raise ckpt.CheckpointError(f"{args['resume']}: unreadable run configuration ({exc})") from None
+    return state
 
 
 def die_with_launcher() -> None:
@@ -168,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             if world_size() > 1:  # the processes agree on the checkpoint before reading its settings
                 start_processes(cpu="--cpu" in args)
             config = parse_config(args)  # reads the checkpoint's settings
-        trainer = Trainer(config)
-        trainer.command_args = args
-        trainer.fit()
+        Trainer(config, command_args=args).fit()
     except PeerError as exc:  # another process failed and said why; the main process names it
         return fail(str(exc), everywhere=False)
     except Diverged as exc:  # every process saw the same non-finite values

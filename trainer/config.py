@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,9 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        self._check_types()
+        if self.mixed_precision is not None:  # BF16 and bf16 alike, as accelerate's own names are lower case
+            object.__setattr__(self, "mixed_precision", self.mixed_precision.lower())
         positive = ("epochs", "batch_size", "eval_batch_size", "keep_last")
         for name in positive:
             if getattr(self, name) < 1:
@@ -131,10 +135,10 @@ class TrainConfig:
             raise ConfigError(f"--num-workers must be at least 0, got {self.num_workers}")
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
-        if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
+        if self.run_name is not None and not re.fullmatch(r"[^\W_][\w.-]*", self.run_name):
             raise ConfigError(
-                f"--run-name must start with a letter or digit and hold only letters, digits, '.', '_' and '-', "
-                f"got {self.run_name!r}"
+                f"--run-name must start with a letter or digit and hold only letters, digits, '.', '_' and '-' "
+                f"(a folder name), got {self.run_name!r}"
             )
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
@@ -142,6 +146,29 @@ class TrainConfig:
             raise ConfigError(
                 f"--model must be {' or '.join(MODEL_NAMES)} or package.module:factory, got {self.model!r}"
             )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
+        if self.image_size is not None and not self.dataset.startswith("imagefolder:"):
+            raise ConfigError(f"--image-size applies to image folders (--dataset imagefolder:PATH), not {self.dataset}")
+        if self.compile_mode is not None and not self.compile:
+            raise ConfigError("--compile-mode needs --compile")
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type (an int is a float too; a bool is no int)."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            if value is None and type(None) in allowed:
+                continue
+            if isinstance(value, bool) and bool not in allowed:
+                ok = False
+            else:
+                ok = isinstance(value, allowed) or (float in allowed and type(value) is int)
+            if not ok:
+                kinds = " or ".join(t.__name__ for t in allowed if t is not type(None))
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be {kinds}, got {value!r}")
+            if float in allowed and type(value) is int:
+                object.__setattr__(self, f.name, float(value))
 
     @property
     def trackers(self) -> list[str]:

@@ -59,7 +59,8 @@ def _cells(record: dict[str, Any], columns: tuple[tuple[str, str | None, str | N
         if key is None:
             cells.append(f"{record['valid_correct']}/{record['valid_seen']}")
         else:
-            cells.append(fmt.format(record.get(key, 0.0)))
+            value = record.get(key)
+            cells.append("-" if value is None else fmt.format(value))
     return cells
 
 

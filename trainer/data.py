@@ -111,6 +111,7 @@ def named_source(dataset: str, data_dir: str | os.PathLike, image_size: tuple[in
         )
         train, test = Split(train_images, train_labels), Split(test_images, test_labels)
         return DataSource(dataset, train, test, names, input_shape_of(train), NORMALIZATION, digest=digest)
+    idx_folder(dataset, data_dir, IDX_FILES, download=True)  # training needs both splits: name every missing file
     train, test = load_split(dataset, data_dir, train=True), load_split(dataset, data_dir, train=False)
     return DataSource(dataset, train, test, DATASET_INFO[dataset][1], input_shape_of(train), NORMALIZATION)
 
@@ -146,19 +147,24 @@ def load_split(dataset: str, data_dir: str | os.PathLike, train: bool, download:
     Files already in place are read directly (the same bytes torchvision would read), so that
     torchvision is imported only to download.
     """
-    folder = raw_folder(dataset, data_dir)
-    missing = [n for n in IDX_FILES if not (folder / n).is_file()]
-    if missing:
-        download = download and os.environ.get(OFFLINE_ENV, "0") in ("", "0")
-        if not download:
-            raise DataError(_missing_message(dataset, folder))
-        _download(dataset, data_dir, folder)
     prefix = "train" if train else "t10k"
+    folder = idx_folder(dataset, data_dir, [n for n in IDX_FILES if n.startswith(prefix)], download)
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte", ndim=3)
     labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte", ndim=1)
     if len(images) != len(labels) or len(images) == 0:
         raise DataError(f"{folder}: {prefix} images ({len(images)}) and labels ({len(labels)}) do not match")
     return Split(images, labels.to(torch.int64))
+
+
+def idx_folder(dataset: str, data_dir: str | os.PathLike, files: list[str] | tuple[str, ...], download: bool) -> Path:
+    """The folder that holds a built-in data set's IDX `files`, downloading the data set first when
+    some are missing and `download` (and TRAINER_OFFLINE) allow it."""
+    folder = raw_folder(dataset, data_dir)
+    if not all((folder / n).is_file() for n in files):
+        if not download or os.environ.get(OFFLINE_ENV, "0") not in ("", "0"):
+            raise DataError(_missing_message(dataset, folder, files))
+        _download(dataset, data_dir, folder)
+    return folder
 
 
 def read_idx(path: Path, ndim: int) -> Tensor:
@@ -182,11 +188,12 @@ def _download(dataset: str, data_dir: str | os.PathLike, folder: Path) -> None:
     try:
         getattr(tvd, DATASET_INFO[dataset][0])(root=str(data_dir), train=True, download=True)
     except (RuntimeError, OSError) as exc:  # torchvision reports failed downloads as RuntimeError
-        raise DataError(_missing_message(dataset, folder) + f" (download failed: {first_line(exc)})") from None
+        missing = _missing_message(dataset, folder, IDX_FILES)
+        raise DataError(f"{missing} (download failed: {first_line(exc)})") from None
 
 
-def _missing_message(dataset: str, folder: Path) -> str:
-    return f"{dataset} data not found and not downloadable: put the four IDX files ({', '.join(IDX_FILES)}) in {folder}"
+def _missing_message(dataset: str, folder: Path, files: list[str] | tuple[str, ...]) -> str:
+    return f"{dataset} data not found and not downloaded: put {', '.join(files)} in {folder}"
 
 
 class TensorImages(Dataset):

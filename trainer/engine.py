@@ -77,6 +77,7 @@ class Trainer:
         eval_data: Dataset | None = None,
         class_names: list[str] | tuple[str, ...] | None = None,
         accelerator: Any = None,
+        command_args: list[str] | None = None,
     ) -> None:
         if (train_data is None) != (eval_data is None):
             raise ConfigError("pass both train_data and eval_data, or neither (then config.dataset is used)")
@@ -84,6 +85,8 @@ class Trainer:
             raise ConfigError("class_names go with train_data; a built-in data set has its own")
         if train_data is None and config.dataset == CUSTOM_DATA:
             raise ConfigError(f"--dataset {CUSTOM_DATA} means data given in Python (Trainer(train_data=...))")
+        # The CLI's flags, for the commands it prints; None in Python, where advice is in TrainConfig's terms.
+        self.command_args = command_args
         self.config = config = config.placed(custom_data=train_data is not None)
         runtime.launcher_argv()  # noted now, while the launcher lives (for the printed resume command)
         self.accelerator = accelerator or runtime.make_accelerator(config)
@@ -113,6 +116,7 @@ class Trainer:
         set_seed(config.seed)
         if model is None and config.model not in MODELS:
             import_factory(config.model)  # a --model that cannot be imported fails before any data is read
+        self._resume_from = self._find_resume_point(config.resume) if config.resume is not None else None
         self._setup_data(train_data, eval_data)
         self._setup_model(model, class_names)
         self._setup_optimizer()
@@ -133,7 +137,6 @@ class Trainer:
         # This process's first training step and first evaluation batch (compilation, lazy set-up).
         self._warmup: dict[str, float | None] = {"train": None, "eval": None}
         self._warmup_reported = 0.0
-        self.command_args: list[str] | None = None  # the CLI's flags, for the printed resume command
         self._prepare_run_dir()
 
     @property
@@ -202,7 +205,8 @@ class Trainer:
             names = names or tuple(str(k) for k in range(classes))
             if len(names) != classes:
                 raise ConfigError(
-                    f"{len(names)} classes ({', '.join(names[:4])}, ...) for a model with {classes} outputs"
+                    f"{len(names)} classes ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) for a model "
+                    f"with {classes} outputs"
                 )
             self.data = dataclasses.replace(self.data, class_names=names)
         self.class_names = self.data.class_names
@@ -260,16 +264,17 @@ class Trainer:
                          if p.exists()]  # fmt: skip
                 if cfg.resume is None and holds:
                     error = ConfigError(
-                        f"run folder {self.run_dir} already holds results ({', '.join(holds[:3])}); pass "
-                        "--resume latest to continue it, or choose another --run-name"
-                    )
+                        f"run folder {self.run_dir} already holds results ({', '.join(holds[:3])}); "
+                        + self._say("pass --resume latest to continue it, or choose another --run-name",
+                                    'pass TrainConfig(resume="latest") to continue it, or another run_name')
+                    )  # fmt: skip
             except OSError as exc:
                 error = ConfigError(f"cannot create the run folder {self.run_dir}: {exc.strerror}")
             except ckpt.CheckpointError as exc:
                 error = exc
         runtime.agree(error, f"use the run folder {self.run_dir}")
-        if cfg.resume is not None:
-            self._resume(self._find_resume_point(cfg.resume))
+        if self._resume_from is not None:
+            self._resume(self._resume_from)
         acc.wait_for_everyone()
 
     def close(self) -> None:
@@ -305,7 +310,8 @@ class Trainer:
         step; an exception from the data or the model, on one process, the state after the last
         whole step. Then close() ends what the Trainer started."""
         if self.position.epoch >= self.config.epochs:
-            self.report.line(f"run already complete ({self.config.epochs} epochs): {self.run_dir}")
+            epochs = self.config.epochs
+            self.report.line(f"run already complete ({epochs} epoch{'s' if epochs != 1 else ''}): {self.run_dir}")
             self.close()
             return self.history
         try:
@@ -316,6 +322,7 @@ class Trainer:
                     self._run_epoch()
             if self.stop_signal is not None:
                 self.report.line(f"{self._signal_name()} came after the last step: the run is complete")
+            self._closing_summary()
             return self.history
         except Exception as exc:
             if self.num_processes > 1 and runtime.lost_peer(exc):
@@ -363,6 +370,7 @@ class Trainer:
         show_every = max(1, remaining // 50)
         self.report.start_epoch(pos.epoch + 1, cfg.epochs, first + remaining, first)
         batches = iter(self.train_loader)
+        untimed = 0  # the samples of a warm-up step, left out of the epoch's time
         t0 = time.perf_counter()
         for i in range(first, first + remaining):
             rng = state.torch_rng()
@@ -387,6 +395,7 @@ class Trainer:
             if self._warmup["train"] is None:  # this process's first step: torch.compile compiles here
                 self._warmup["train"] = time.perf_counter() - t0
                 t0 = time.perf_counter()  # the epoch's time leaves it out: it is reported as warmup_s
+                untimed = per_step
             if self.report.enabled and (i + 1 - first) % show_every == 0:  # the main process shows progress
                 self.report.advance(i + 1, per_step, lr, probe.read_then_copy(loss))
             stopping = i + 1 < first + remaining and self._stop_agreed(step=i + 1)
@@ -404,7 +413,10 @@ class Trainer:
         # The one sync of the epoch: every process's per-step loss and correct count (float32; the
         # sums are exact in double precision on the host).
         summary = stats.summary(acc.gather(stats.mine()).cpu(), cfg.batch_size)
-        return {**summary, "time_s": stats.time_before + time.perf_counter() - t0}
+        seconds = stats.time_before + time.perf_counter() - t0
+        timed = summary["samples"] - untimed
+        # An epoch whose only step was the warm-up has no timed step: no figure rather than a made-up one.
+        return {**summary, "time_s": seconds, "samples_per_s": timed / seconds if timed > 0 and seconds > 0 else None}
 
     def _save_due(self) -> bool:
         return bool(self.config.save_every) and self.position.step % self.config.save_every == 0
@@ -543,11 +555,32 @@ class Trainer:
         }
         if self.threads is not None:
             items["threads"] = f"{self.threads[0]} ({self.threads[1]})"
+            if self.threads[0] > runtime.cores():
+                self.report.warn(
+                    f"{self.threads[0]} threads ({self.threads[1]}) for the {runtime.cores()} cores this process may "
+                    "use: threads that outnumber the cores wait on each other, and training slows down"
+                )
         if pos.step:
             items["resumed at"] = f"step {pos.step} (epoch {pos.epoch + 1}, sample {pos.samples_in_epoch})"
         self.report.summary(items)
         for record in self.history:  # a resumed run's table continues where it was
             self.report.epoch_row(record)
+
+    def _closing_summary(self) -> None:
+        """How long it took, the best epoch, where its checkpoint is and what to do with it."""
+        epochs = len(self.history)
+        seconds = sum(r["epoch_time_s"] + r["eval_time_s"] + r["warmup_s"] for r in self.history)
+        best = max(self.history, key=lambda r: r["valid_acc"])
+        where = self.run_dir / ckpt.BEST_LINK
+        self._tell(
+            f"done: {epochs} epoch{'s' if epochs != 1 else ''} in {_duration(seconds)} of training and evaluation; "
+            f"best valid acc {best['valid_acc']:.4f} ({best['valid_correct']}/{best['valid_seen']}) after epoch "
+            f"{best['epoch']}: {where}"
+        )
+        if self.config.dataset != CUSTOM_DATA:  # the tools rebuild the data from the checkpoint
+            model = f" --model {self.factory}" if self.factory else ""
+            self.report.line(f"evaluate: python -m trainer.evaluate {where}{model}")
+            self.report.line(f"predict:  python -m trainer.predict {where} IMAGE...{model}")
 
     def _take_warmup(self) -> float:
         """The warm-up seconds not reported yet (all of them in this process's first epoch, then 0)."""
@@ -577,7 +610,7 @@ class Trainer:
             # Only in the first epoch this process runs: its first step and first evaluation batch
             # (left out of epoch_time_s and eval_time_s).
             "warmup_s": self._take_warmup(),
-            "train_samples_per_s": train["samples"] / train["time_s"] if train["time_s"] > 0 else 0.0,
+            "train_samples_per_s": train["samples_per_s"],
             "num_processes": self.num_processes,
             "mixed_precision": self.accelerator.mixed_precision,
         }
@@ -626,35 +659,44 @@ class Trainer:
         self._last_saved = self.run_dir / ckpt.step_dir_name(pos.step)
 
     def _find_resume_point(self, resume: str) -> Path:
+        """The checkpoint to resume (every process agrees on it), checked against this run's recipe
+        before any data is read or anything is written."""
         folder = runtime.agree_on_checkpoint(resume, self.run_dir, warn=self.report.warn)
-        if resume == "latest":
-            return folder
         newer = [p.name for p in ckpt.list_checkpoints(self.run_dir) if ckpt.step_of(p) > ckpt.step_of(folder)]
-        if newer and folder.parent.resolve() == self.run_dir.resolve():
+        if resume != "latest" and newer and folder.parent.resolve() == self.run_dir.resolve():
             raise ConfigError(
                 f"{self.run_dir} has checkpoints newer than {folder.name} ({', '.join(newer[:3])}); resuming "
-                "the older one here would overwrite them: pass a new --run-name to branch from it"
+                "the older one here would overwrite them: "
+                + self._say("pass a new --run-name to branch from it", "pass a new run_name to branch from it")
             )
+        saved = ckpt.read_state(folder)
+        state.check_recipe(folder, saved["config"], self.config,
+                           self._say("--init-from starts a new run from its weights with a new recipe",
+                                     "init_from= starts a new run from its weights with a new recipe"))  # fmt: skip
         return folder
+
+    def _say(self, on_the_command_line: str, in_python: str) -> str:
+        """Advice in the terms of how this run was started."""
+        return in_python if self.command_args is None else on_the_command_line
 
     def _resume(self, folder: Path) -> None:
         acc, cfg = self.accelerator, self.config
         loaded = ckpt.load(folder)
         saved = loaded.state
-        state.check_recipe(folder, saved["config"], cfg, (saved.get("data_digest"), self.data.digest))
+        state.check_data(folder, saved["data_digest"], self.data.digest, cfg)
         if loaded.model_metadata.get("architecture") != self.architecture:
             raise ConfigError(
                 f"{folder / ckpt.MODEL_NAME} holds a {loaded.model_metadata.get('architecture')!r} model, "
                 f"this run builds {self.architecture!r}"
             )
         chosen = cfg.mixed_precision is not None  # on the command line, not from accelerate's config
-        state.check_precision(folder, saved.get("mixed_precision", "no"), acc.mixed_precision, chosen, self.report.warn)
+        state.check_precision(folder, saved["mixed_precision"], acc.mixed_precision, chosen, self.report.warn)
         self.position = state.restore(folder, loaded, self._parts(), acc.process_index)
         if self.position.samples_in_epoch:
             self.stats = state.restore_epoch_stats(loaded, self.steps_per_epoch, self.num_processes,
                                                    acc.process_index, acc.device)  # fmt: skip
         self.log.history, self.log.curves = saved["history"], saved["curves"]
-        if saved["world_size"] != self.num_processes:
+        if saved["world_size"] != self.num_processes and self.position.epoch < cfg.epochs:
             pos = self.position
             steps_left = self._start_sampler(pos.epoch, pos.samples_in_epoch) + (cfg.epochs - pos.epoch - 1) * (
                 self.steps_per_epoch
@@ -671,6 +713,12 @@ class Trainer:
         self.log.write()
         if self.position.epoch < cfg.epochs:
             self.report.line(f"resumed from {folder} (step {self.position.step})")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}" if minutes else f"{secs} s"
 
 
 class _LossProbe:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,23 @@ def fail(message: str, code: int = 2, everywhere: bool = True) -> int:
         prefix = f"[rank {rank}] " if rank else ""
         print(f"trainer: error: {prefix}{message}", file=sys.stderr, flush=True)
     return code
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command's parser: a bad flag or value is one line and exit code 2, like every other user error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a default once, and only where there is one (a help text that names it is left alone)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.config import PRECISIONS, ConfigError, TrainConfig
 from trainer.data import input_shape_of, make_loader
+from trainer.errors import HelpFormatter, Parser, add_json_flag, fail, write_json
 from trainer.evaluation import EvalResult, LoadedModel, class_metrics, evaluate_model, load_model, load_test_split
 
 
@@ -94,36 +95,39 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m trainer.evaluate",
         description="Evaluate a checkpoint on its data set's test split: accuracy, loss, per-class precision, "
         "recall and F1, and the confusion matrix.",
         epilog="Several processes: torchrun --nproc_per_node N -m trainer.evaluate CHECKPOINT --cpu (or accelerate "
         "launch -m trainer.evaluate ...); the numbers are the same for any N.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("checkpoint", help="a checkpoint folder (step_*), a run's `best` link or a model.safetensors")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint folder (step_*), a `best` link, a model.safetensors, a run folder (its best)"
+    )
     parser.add_argument(
         "--data-dir", default=None, metavar="DIR",
         help="folder holding (or receiving) the data sets and image caches (default: the training run's, else ./data)",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size per process")
+    parser.add_argument("--batch-size", type=int, default=1024, metavar="N", help="evaluation batch size per process")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
-    parser.add_argument("--mixed-precision", choices=PRECISIONS, default=None, help="default: accelerate's config")
+    parser.add_argument("--mixed-precision", choices=PRECISIONS, type=str.lower, default=None,
+                        help="no, fp16 or bf16 (default: accelerate's config)")  # fmt: skip
+    parser.add_argument(
+        "--dataset", default=None, metavar="imagefolder:PATH",
+        help="where the image folder the model was trained on is now (default: where it was)",
+    )  # fmt: skip
     parser.add_argument(
         "--model", default=None, metavar="MODULE:FN",
         help="rebuild a model that is not built in with this factory (as in training); never taken from the checkpoint",
     )  # fmt: skip
-    from trainer.errors import add_json_flag
-
     add_json_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluates a checkpoint; returns the exit code (2 for a user error, reported in one line)."""
-    from trainer.errors import fail
-
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         return fail(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -134,14 +138,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trainer.errors import write_json
     from trainer.runtime import check_distributed, make_accelerator
 
     acc = make_accelerator(TrainConfig(cpu=args.cpu, mixed_precision=args.mixed_precision))
     check_distributed(acc, "evaluate everything and print it")
     loaded = load_model(args.checkpoint, args.model)
     with acc.main_process_first():  # one process downloads or decodes; the others then read the files
-        split = load_test_split(loaded, args.data_dir)
+        split = load_test_split(loaded, args.data_dir, args.dataset)
     if input_shape_of(split) != loaded.input_shape:
         raise ConfigError(
             f"{loaded.dataset} images are {input_shape_of(split)}, the checkpoint expects {loaded.input_shape}"

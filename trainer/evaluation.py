@@ -64,6 +64,8 @@ def model_file(checkpoint: str | os.PathLike) -> Path:
     path = Path(checkpoint)
     if not path.exists():  # also a dangling `best` link
         raise ckpt.CheckpointError(f"{checkpoint}: no such checkpoint folder or file")
+    if path.is_dir() and not (path / ckpt.MODEL_NAME).exists() and (path / ckpt.BEST_LINK).exists():
+        path = path / ckpt.BEST_LINK  # a run folder: its best checkpoint
     folder = path.resolve() if path.is_dir() else path.resolve().parent
     if (path.is_dir() or path.name == ckpt.MODEL_NAME) and (folder / ckpt.MANIFEST_NAME).is_file():
         ckpt.verify(folder)
@@ -138,17 +140,28 @@ def recorded_config(loaded: LoadedModel) -> dict[str, Any]:
         return {}
 
 
-def load_test_split(loaded: LoadedModel, data_dir: str | None) -> Any:
-    """The test split the checkpoint's model was evaluated on in training."""
+def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | None = None) -> Any:
+    """The test split the checkpoint's model was evaluated on in training (never downloaded), or of
+    `dataset` (an image folder that moved since)."""
     from trainer.data import Split
     from trainer.imagefolder import image_folder_path, load_image_folder, parse_image_size
 
     recorded = recorded_config(loaded)
     data_dir = data_dir or recorded.get("data_dir") or "./data"
-    folder = image_folder_path(loaded.dataset)
     if loaded.dataset == CUSTOM_DATA:
         raise ConfigError(
             f"{loaded.path} was trained on data given in Python: evaluate it there (trainer.evaluation.evaluate_model)"
+        )
+    folder = image_folder_path(loaded.dataset)
+    if dataset is not None:
+        if (image_folder_path(dataset) is None) != (folder is None):
+            raise ConfigError(f"{loaded.path} was trained on {loaded.dataset}: --dataset {dataset} is not that kind")
+        folder = image_folder_path(dataset) if folder is not None else None
+        if folder is None and dataset != loaded.dataset:
+            raise ConfigError(f"{loaded.path} was trained on {loaded.dataset}, not {dataset}")
+    if folder is not None and not folder.exists():
+        raise ConfigError(
+            f"the image folder {folder} it was trained on is gone (moved?): pass --dataset imagefolder:NEW_PATH"
         )
     if folder is not None:
         # The size as training asked for it (the cache is keyed by it), else the model's input size.
@@ -157,7 +170,7 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None) -> Any:
         if names != loaded.class_names:
             raise ConfigError(f"{folder} now holds the classes {', '.join(names)}, not the checkpoint's")
         return Split(images, labels)
-    return load_split(loaded.dataset, data_dir, train=False)
+    return load_split(loaded.dataset, data_dir, train=False, download=False)
 
 
 @torch.no_grad()

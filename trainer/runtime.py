@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import PRECISIONS, ConfigError, TrainConfig
 
 # torch (and the checkpoint module, which needs it) are imported where used: the CLI asks
 # launcher_argv() before its slow imports.
@@ -281,13 +281,21 @@ def make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator, DataLoaderConfiguration
 
     kwargs: dict[str, Any] = {}
-    if config.mixed_precision is not None:
-        kwargs["mixed_precision"] = config.mixed_precision
+    precision = config.mixed_precision
+    launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION")  # a launch config's, or the user's
+    if precision is None and launched_with:
+        # accelerate would take a value it does not know (BF16, bfloat16, yes) for fp32 without a word.
+        precision = launched_with.lower()
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"ACCELERATE_MIXED_PRECISION={launched_with!r} (from the environment or a launch config) is not one "
+                f"of {', '.join(PRECISIONS)}"
+            )
+    if precision is not None:
+        kwargs["mixed_precision"] = precision
     device_is_cpu = config.cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-    if device_is_cpu or not (torch.cuda.is_available() or mps_available()):
-        precision = kwargs.get("mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-        if precision == "fp16":
-            raise ConfigError("fp16 mixed precision needs a GPU; on the CPU use --mixed-precision bf16 or no")
+    if precision == "fp16" and (device_is_cpu or not (torch.cuda.is_available() or mps_available())):
+        raise ConfigError("fp16 mixed precision needs a GPU; on the CPU use --mixed-precision bf16 or no")
     cuda = torch.cuda.is_available() and not device_is_cpu
     if config.compile:
         from accelerate.utils import TorchDynamoPlugin

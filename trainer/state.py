@@ -147,27 +147,28 @@ def contents(
     return ckpt.CheckpointContents(parts.model.state_dict(), metadata, optimizer_tensors, rng, progress, state)
 
 
-def check_recipe(
-    folder: Path, saved: dict[str, Any], config: TrainConfig, digests: tuple[str | None, str | None] = (None, None)
-) -> None:
-    """A resumed run keeps its recipe: every recipe field must match the checkpoint's. An image
-    folder is the same data set when its contents are (`digests`: the checkpoint's and this run's),
-    wherever it lies now; at the same path with other contents, it is not."""
-    defaults = TrainConfig()
-    if all(digests):
-        if digests[0] != digests[1]:
-            raise ConfigError(
-                f"checkpoint {folder} was trained on other images than {config.dataset.split(':', 1)[1]} holds "
-                "now; a resumed run keeps its data (train a new run on the changed folder)"
-            )
-        saved = {**saved, "dataset": config.dataset}  # moved, with the same contents: fine
+def check_recipe(folder: Path, saved: dict[str, Any], config: TrainConfig, how_to_branch: str) -> None:
+    """A resumed run keeps its recipe: every recipe field must match the checkpoint's. (An image
+    folder is compared by its contents, in `check_data`, wherever it lies now.)"""
     for name in RECIPE_CHECKED:
-        then, now = saved.get(name, getattr(defaults, name)), getattr(config, name)
+        then, now = saved[name], getattr(config, name)
+        if name == "dataset" and then.startswith("imagefolder:") and now.startswith("imagefolder:"):
+            continue
         if then != now:
             raise ConfigError(
-                f"checkpoint {folder} was trained with {name}={then!r}, this run has {name}={now!r}; "
-                "a resumed run keeps its recipe"
+                f"checkpoint {folder} was trained with {name}={then!r}, this run has {name}={now!r}; a resumed run "
+                f"keeps its recipe ({how_to_branch})"
             )
+
+
+def check_data(folder: Path, saved_digest: str | None, digest: str | None, config: TrainConfig) -> None:
+    """An image folder is the same data set when its contents are, wherever it lies now; at the same
+    path with other contents, it is not."""
+    if saved_digest != digest:
+        raise ConfigError(
+            f"checkpoint {folder} was trained on other images than {config.dataset.split(':', 1)[1]} holds now; a "
+            "resumed run keeps its data (train a new run on the changed folder)"
+        )
 
 
 def restore(folder: Path, loaded: ckpt.CheckpointContents, parts: Parts, rank: int) -> Position:
