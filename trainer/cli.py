@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -121,7 +122,6 @@ def die_with_launcher() -> None:
     if launcher_argv() is None:
         return  # started from a shell (`nohup python -m trainer &` must survive the shell), or not Linux
     import ctypes
-    import signal
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
@@ -149,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             if world_size() > 1:  # the processes agree on the checkpoint before reading its settings
                 start_processes(cpu="--cpu" in args)
             config = parse_config(args)  # reads the checkpoint's settings
-        Trainer(config, command_args=args).fit()
+        trainer = Trainer(config, command_args=args)
+        # From here, Ctrl-C belongs to the trainer (save, then stop); once it has stopped, a late press
+        # (a quick double Ctrl-C) finds SIGINT ignored while the process ends, instead of a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        trainer.fit()
     except PeerError as exc:  # another process failed and said why; the main process names it
         return fail(str(exc), everywhere=False)
     except Diverged as exc:  # every process saw the same non-finite values

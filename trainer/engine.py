@@ -133,6 +133,7 @@ class Trainer:
         self.stats = state.EpochStats()  # train_epoch sizes it when an epoch begins
         self._failed_step_rng: Any = None  # torch's generators before a step that failed in the data or model
         self.stop_signal: int | None = None
+        self.finished = False  # the run's end is saved (or failed): later signals are ignored
         self._last_saved: Path | None = None
         # This process's first training step and first evaluation batch (compilation, lazy set-up).
         self._warmup: dict[str, float | None] = {"train": None, "eval": None}
@@ -314,26 +315,28 @@ class Trainer:
             self.report.line(f"run already complete ({epochs} epoch{'s' if epochs != 1 else ''}): {self.run_dir}")
             self.close()
             return self.history
-        try:
-            self._announce()
-            self.log.start_trackers(self.config)
-            with runtime.StopSignals(self):
+        with runtime.StopSignals(self):
+            try:
+                self._announce()
+                self.log.start_trackers(self.config)
                 while self.position.epoch < self.config.epochs:
                     self._run_epoch()
-            if self.stop_signal is not None:
-                self.report.line(f"{self._signal_name()} came after the last step: the run is complete")
-            self._closing_summary()
-            return self.history
-        except Exception as exc:
-            if self.num_processes > 1 and runtime.lost_peer(exc):
-                last = f"the last checkpoint, {self._last_saved}," if self._last_saved else "no checkpoint"
-                raise runtime.PeerError(
-                    f"another process stopped (its own message says why), so this one stops too; {last} holds the work"
-                ) from None
-            self._after_failure(exc)
-            raise
-        finally:
-            self.close()
+                if self.stop_signal is not None:
+                    self.report.line(f"{self._signal_name()} came after the last step: the run is complete")
+                self._closing_summary()
+                return self.history
+            except Exception as exc:
+                if self.num_processes > 1 and runtime.lost_peer(exc):
+                    last = f"the last checkpoint, {self._last_saved}," if self._last_saved else "no checkpoint"
+                    raise runtime.PeerError(
+                        f"another process stopped (its own message says why), so this one stops too; {last} holds "
+                        "the work"
+                    ) from None
+                self._after_failure(exc)
+                raise
+            finally:
+                self.finished = True  # a signal from here on has nothing left to stop (StopSignals ignores it)
+                self.close()
 
     def _run_epoch(self) -> None:
         """Train, evaluate, record and save one epoch (the rest of it, after a resume)."""
@@ -456,6 +459,7 @@ class Trainer:
 
     def _stop(self) -> None:
         """After the stop's checkpoint: says where it is and how to go on, then raises Stopped."""
+        self.finished = True
         self._tell(f"stopped by {self._signal_name()}; checkpoint saved: {self._last_saved}")
         self._tell(f"resume with: {self._how_to_resume()}")
         raise Stopped(self.stop_signal, self._last_saved)

@@ -344,7 +344,8 @@ class StopSignals:
     """
 
     def __init__(self, owner: Any) -> None:
-        self.owner = owner  # has request_stop(signum), stop_signal (None until one came), report.warn(text)
+        # owner has request_stop(signum), stop_signal (None until one came), finished, report.warn(text)
+        self.owner = owner
         self.previous: dict[int, Any] = {}
         self._wakeup: tuple[Any, Any] | None = None
         self._previous_fd = -1
@@ -372,6 +373,8 @@ class StopSignals:
         return count
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.owner.finished:  # saved and on its way out: a late press (a quick double Ctrl-C) stops nothing
+            return
         double = signum == signal.SIGINT and self._presses() >= 2  # both pressed during one long step
         if self.owner.stop_signal is not None or double:
             # Only a second Ctrl-C means "now". A SIGTERM after a Ctrl-C is usually the launcher
