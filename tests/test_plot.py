@@ -68,6 +68,8 @@ def test_a_one_epoch_run_reads_right(tmp_path, monkeypatch):
     for name in ("metrics.jsonl", "curves.jsonl"):  # keep the first epoch only
         path = run / name
         path.write_text(path.read_text().splitlines()[0] + "\n")
+    first = json.loads((run / "metrics.jsonl").read_text())  # a validation loss near the top right, as seen
+    (run / "metrics.jsonl").write_text(json.dumps({**first, "valid_loss": 1.9}) + "\n")
     figures = []
     real_savefig = matplotlib.figure.Figure.savefig
 
@@ -82,4 +84,10 @@ def test_a_one_epoch_run_reads_right(tmp_path, monkeypatch):
     ax_loss, _, ax_acc = fig.axes
     assert list(ax_acc.get_xticks()) == [1]
     assert "validation (end of each epoch)" in [t.get_text() for t in ax_loss.get_legend().get_texts()]
-    assert ax_acc.get_legend()._loc == 0  # "best"
+    fig.canvas.draw()
+    for ax in (ax_loss, ax_acc):  # no plotted point lies under a legend
+        box = ax.get_legend().get_window_extent()
+        for line in ax.get_lines():
+            points = ax.transData.transform(line.get_xydata())
+            hidden = [(x, y) for x, y in points if box.contains(x, y)]
+            assert not hidden, f"{line.get_label()!r} has points under the legend of {ax.get_title()!r}"

@@ -95,7 +95,8 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         for record in curves[:-1]:
             ax_loss.axvline(record["last_step"], color="grey", linewidth=0.5, linestyle=":")
     ax_loss.set(title="training loss", xlabel="step", ylabel="cross-entropy")
-    ax_loss.legend(loc="upper right")  # loc="best" searches the data: slow on long runs
+    # Below the panel, where no point can hide under it (loc="best" searches the data: slow on long runs).
+    ax_loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="small", frameon=False)
     ax_lr.plot(lr_steps, lrs, color="tab:orange")
     ax_lr.set(title="learning rate", xlabel="step", ylabel="LR")
     ax_acc.plot(epochs, train_acc, marker="o", label="train (running, during the epoch)")
