@@ -45,6 +45,43 @@ def test_channels_last_is_used_when_set(tiny_data, tmp_path, channels_last):
     assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@pytest.mark.parametrize(
+    "device, flags, channels_last",
+    [("cuda", set(), True), ("mps", set(), False), ("cpu", {"avx2", "avx512f", "amx_bf16"}, False),
+     ("cpu", {"avx2", "avx512f"}, False), ("cpu", {"avx2", "fma"}, True)],
+    ids=["cuda", "mps", "xeon-amx", "avx512", "avx2"],
+)  # fmt: skip
+def test_the_memory_format_follows_the_device_by_one_rule(tiny_data, tmp_path, monkeypatch, device, flags,
+                                                           channels_last):  # fmt: skip
+    """The same answer every time for a device (no timing at start-up), shown in the summary with
+    its reason, and a flag overrides it."""
+    from trainer import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: ("GenuineIntel", flags))
+    for precision in ("no", "bf16"):
+        chosen = runtime.device_defaults(torch.device(device), precision)
+        assert chosen["channels_last"] is channels_last and chosen["why"]
+    if device == "cpu":
+        trainer = Trainer(tiny_config(tiny_data, tmp_path))
+        conv = trainer.accelerator.unwrap_model(trainer.model)[1].conv1.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) is channels_last
+        trainer.close()
+
+
+def test_the_summary_says_which_memory_format_and_why(run_main, tiny_data, tmp_path):
+    from trainer import runtime
+
+    expected = runtime.device_defaults(torch.device("cpu"), "no")
+    args = ["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--epochs", "1", "--limit-train-batches",
+            "1", "--progress", "plain"]  # fmt: skip
+    result = run_main([*args, "--run-name", "auto"])
+    assert f"memory format: {'channels_last' if expected['channels_last'] else 'contiguous'} ({expected['why']})" in (
+        result.stdout
+    )
+    assert "memory format: contiguous (--no-channels-last)" in run_main([*args, "--run-name", "off",
+                                                                        "--no-channels-last"]).stdout  # fmt: skip
+
+
 def test_training_step_has_no_per_step_host_sync(tiny_data, tmp_path, monkeypatch):
     """`.item()` / `.tolist()` calls in an epoch do not grow with its number of steps."""
     counts = {}

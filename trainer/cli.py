@@ -57,8 +57,10 @@ def build_parser(typed_only: bool = False) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         group = groups[f.metadata["group"]]
         default = argparse.SUPPRESS if typed_only else f.default
-        if hints[f.name] is bool:
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
+        if bool in (
+            typing.get_args(hints[f.name]) or (hints[f.name],)
+        ):  # --flag, and --no-flag unless False by default
+            action = argparse.BooleanOptionalAction if f.default is not False else "store_true"
             group.add_argument(flag, dest=f.name, action=action, default=default, help=f.metadata["help"])
         else:
             group.add_argument(

@@ -78,7 +78,9 @@ class TrainConfig:
         None, "no, fp16 or bf16 (default: the accelerate config's, else no)", "infra", choices=PRECISIONS
     )
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present (gloo for several processes)", "infra")
-    channels_last: bool = _opt(True, "channels_last memory format for the convolutions", "infra")
+    channels_last: bool | None = _opt(
+        None, "channels_last memory format (default: chosen by the device; the start-up summary says which)", "infra"
+    )
     compile: bool = _opt(
         False, "compile the model (torch.compile through accelerate's dynamo plugin, inductor)", "infra"
     )

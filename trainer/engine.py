@@ -99,6 +99,12 @@ class Trainer:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.run_dir = Path(config.output_dir) / config.name
         self.num_processes = self.accelerator.num_processes
+        # Memory format: the user's choice, else the device's rule (runtime.device_defaults), never a timing.
+        chosen = runtime.device_defaults(self.accelerator.device, self.accelerator.mixed_precision)
+        if config.channels_last is not None:
+            chosen = {"channels_last": config.channels_last, "why": "--channels-last" if config.channels_last
+                      else "--no-channels-last"}  # fmt: skip
+        self.channels_last, self._memory_format_why = chosen["channels_last"], chosen["why"]
         self.log = RunLog(self.accelerator, self.run_dir)
         self._lock = ckpt.RunLock(self.run_dir)
         self._prepared = False
@@ -216,7 +222,7 @@ class Trainer:
             if not check_labels(data, len(self.class_names), split) and hasattr(loader.dataset, "num_classes"):
                 loader.dataset.num_classes = len(self.class_names)
         self.model = model
-        if cfg.channels_last:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def _setup_optimizer(self) -> None:
@@ -379,7 +385,7 @@ class Trainer:
             rng = state.torch_rng()
             try:  # the data and the model: a failure here leaves the state of the last whole step
                 inputs, labels = next(batches)
-                logits = self.model(model_input(inputs, self.data.normalization, cfg.channels_last))
+                logits = self.model(model_input(inputs, self.data.normalization, self.channels_last))
                 loss = F.cross_entropy(logits, labels)
                 acc.backward(loss)
             except Exception:
@@ -426,10 +432,9 @@ class Trainer:
 
     def evaluate(self) -> EvalResult:
         """Exact counts over the test split (or its first --limit-eval-batches batches per process)."""
-        cfg = self.config
         self.eval_sampler.set_position(0, 0, self._eval_images())
         result = evaluate_model(
-            self.accelerator, self.model, self.eval_loader, len(self.class_names), cfg.channels_last,
+            self.accelerator, self.model, self.eval_loader, len(self.class_names), self.channels_last,
             self.data.normalization,
         )  # fmt: skip
         if self._warmup["eval"] is None:
@@ -552,11 +557,16 @@ class Trainer:
             "processes": self.num_processes,
             "precision": acc.mixed_precision,
             "compile": self._compile_text(),
+            "memory format": f"{'channels_last' if self.channels_last else 'contiguous'} ({self._memory_format_why})",
             "global batch": cfg.batch_size * self.num_processes,
             "steps/epoch": self.steps_per_epoch,
             "epochs": cfg.epochs,
             "train/test images": f"{self.train_size}/{self.test_size}",
         }
+        if acc.mixed_precision == "bf16" and runtime.emulated_bf16(acc.device):
+            self.report.warn(
+                "this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX): bf16 is emulated and slower than fp32"
+            )
         if self.threads is not None:
             items["threads"] = f"{self.threads[0]} ({self.threads[1]})"
             if self.threads[0] > runtime.cores():

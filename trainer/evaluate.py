@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trainer.runtime import check_distributed, make_accelerator
+    from trainer.runtime import check_distributed, device_defaults, make_accelerator
 
     acc = make_accelerator(TrainConfig(cpu=args.cpu, mixed_precision=args.mixed_precision))
     check_distributed(acc, "evaluate everything and print it")
@@ -149,9 +149,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{loaded.dataset} images are {input_shape_of(split)}, the checkpoint expects {loaded.input_shape}"
         )
-    # channels_last as in training (the default there): the same numbers, the faster layout on GPUs.
-    channels_last = True
-    model = loaded.model.to(memory_format=torch.channels_last)
+    # The device's memory format, as training chooses it by default.
+    channels_last = device_defaults(acc.device, acc.mixed_precision)["channels_last"]
+    model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
     # Evaluation only: device placement and autocast, no DistributedDataParallel wrapper.
     model = acc.prepare_model(model, evaluation_mode=True)
     loader = acc.prepare(make_loader(split, args.batch_size, train=False, seed=0, device=acc.device))

@@ -274,6 +274,59 @@ def end_processes() -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------- what the device is
+def cpu_flags() -> tuple[str, set[str]]:
+    """The CPU's vendor and instruction-set flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", set()
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("vendor_id", ""), set(fields.get("flags", "").split())
+
+
+def cpu_description() -> str:
+    """e.g. "AMD EPYC (AuthenticAMD family 23 model 49), AVX2", for benchmarks and the summary."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "-"
+    return (f"{fields.get('model name', '?')} ({fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}), {isa}")  # fmt: skip
+
+
+def device_defaults(device: Any, precision: str) -> dict[str, Any]:
+    """The settings chosen by what the device is, never by a timing taken at start-up (a run must
+    be reproducible on one machine), with the reason; the one place this rule lives.
+
+    Memory format, as measured (docs/performance.md): channels_last on CUDA (cuDNN's NHWC kernels);
+    on CPUs with AVX-512, contiguous tensors, where oneDNN's blocked kernels ran the blog's narrow
+    convolutions 25% (fp32) to 60% (bf16) faster than in channels_last (an Intel Xeon with AMX); on
+    CPUs with AVX2 only, channels_last (9% faster in fp32, 50% in bf16 on an AMD EPYC of the Zen 2
+    family); on MPS, contiguous (not measured: the layout its kernels are written for)."""
+    if device.type == "cuda":
+        return {"channels_last": True, "why": "CUDA: cuDNN's channels_last kernels"}
+    if device.type == "mps":
+        return {"channels_last": False, "why": "MPS"}
+    _, flags = cpu_flags()
+    if "avx512f" in flags:
+        return {"channels_last": False, "why": "a CPU with AVX-512: oneDNN's blocked kernels"}
+    return {"channels_last": True, "why": "a CPU with AVX2 and no AVX-512"}
+
+
+def emulated_bf16(device: Any) -> bool:
+    """bf16 on a CPU without AVX-512 BF16 or AMX is converted to and from fp32 around every op: the
+    blog's step took 7 times as long as in fp32 on an AVX2 EPYC."""
+    _, flags = cpu_flags()
+    return device.type == "cpu" and bool(flags) and not flags & {"avx512_bf16", "amx_bf16"}
+
+
 # ---------------------------------------------------------------- the accelerator
 def make_accelerator(config: TrainConfig) -> Any:
     """The one Accelerator: devices, processes and precision come from it (and accelerate's config)."""
