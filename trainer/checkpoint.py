@@ -29,6 +29,7 @@ MODEL_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
 PROGRESS_NAME = "progress.safetensors"
+EMA_NAME = "ema.safetensors"  # only with --ema
 STATE_NAME = "state.json"
 MANIFEST_NAME = "manifest.json"
 BEST_LINK = "best"
@@ -180,10 +181,12 @@ class CheckpointContents:
     rng: dict[str, torch.Tensor]
     progress: dict[str, torch.Tensor]
     state: dict[str, Any]  # JSON: step, epoch, data position, scheduler, optimizer groups, config, history
+    ema: dict[str, torch.Tensor]  # the averaged weights (--ema), else empty and no file
 
     def nbytes(self) -> int:
         """About what the checkpoint takes on disk."""
-        tensors = (*self.model.values(), *self.optimizer.values(), *self.rng.values(), *self.progress.values())
+        tensors = (*self.model.values(), *self.optimizer.values(), *self.rng.values(), *self.progress.values(),
+                   *self.ema.values())  # fmt: skip
         return sum(t.numel() * t.element_size() for t in tensors) + len(json.dumps(self.state)) + 16_384
 
 
@@ -227,12 +230,16 @@ def save(
         save_file(_contiguous(contents.optimizer), tmp / OPTIMIZER_NAME, metadata={"format": "pt"})
         save_file(_contiguous(contents.rng), tmp / RNG_NAME, metadata={"format": "pt"})
         save_file(_contiguous(contents.progress), tmp / PROGRESS_NAME, metadata={"format": "pt"})
-        for name in (MODEL_NAME, OPTIMIZER_NAME, RNG_NAME, PROGRESS_NAME):
+        tensor_files = [MODEL_NAME, OPTIMIZER_NAME, RNG_NAME, PROGRESS_NAME]
+        if contents.ema:
+            save_file(_contiguous(contents.ema), tmp / EMA_NAME, metadata={"format": "pt"})
+            tensor_files.append(EMA_NAME)
+        for name in tensor_files:
             _as_user_made(tmp / name)
         with open(tmp / STATE_NAME, "w") as f:
             json.dump(contents.state, f, indent=1)
         files = {}
-        for name in (MODEL_NAME, OPTIMIZER_NAME, RNG_NAME, PROGRESS_NAME, STATE_NAME):
+        for name in (*tensor_files, STATE_NAME):
             _fsync_file(tmp / name)
             files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         manifest = {
@@ -314,6 +321,7 @@ def load(folder: Path) -> CheckpointContents:
             optimizer=load_file(folder / OPTIMIZER_NAME),
             rng=load_file(folder / RNG_NAME),
             progress=load_file(folder / PROGRESS_NAME),
+            ema=load_file(folder / EMA_NAME) if (folder / EMA_NAME).is_file() else {},
             state=json.loads((folder / STATE_NAME).read_text()),
         )
     except (SafetensorError, OSError, ValueError) as exc:

@@ -33,6 +33,8 @@ METAVARS = {
     "data_dir": "DIR", "eval_batch_size": "N", "limit_eval_batches": "N", "output_dir": "DIR", "run_name": "NAME",
     "resume": "latest|PATH", "save_every": "N", "keep_last": "K", "log_with": "NAMES", "threads": "N",
     "model": "NAME|MODULE:FN", "dataset": "NAME|imagefolder:PATH", "image_size": "N|HxW", "num_workers": "N",
+    "weight_decay": "W", "betas": "B1,B2", "warmup_steps": "N", "grad_accum": "K", "clip_grad_norm": "X",
+    "label_smoothing": "X", "ema": "DECAY",
 }  # fmt: skip
 
 

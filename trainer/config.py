@@ -16,6 +16,8 @@ __all__ = ["ConfigError", "TrainConfig"]
 
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
 PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_NAMES = ("blog_resnet",)  # trainer.model.MODELS, named here so the CLI needs no torch
 # `--model package.module:factory`
@@ -44,6 +46,28 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum (used as is only with --no-cycle-momentum)", "recipe")
     cycle_momentum: bool = _opt(True, "let OneCycle cycle momentum 0.95 -> 0.85 -> 0.95 (the blog's)", "recipe")
     seed: int = _opt(12, "seed for weights and the data order of every epoch", "recipe")
+    optimizer: str = _opt("sgd", "sgd (with --momentum, the blog's) or adamw", "recipe", choices=OPTIMIZERS)
+    weight_decay: float = _opt(
+        0.0, "weight decay (AdamW's decoupled; SGD's L2), never on biases or norm layers' weights", "recipe"
+    )
+    betas: str | None = _opt(None, "AdamW's beta1,beta2 (default: 0.9,0.999)", "recipe")
+    schedule: str = _opt(
+        "onecycle", "LR schedule: onecycle (the blog's) or cosine (to 0 at the last step)", "recipe", choices=SCHEDULES
+    )
+    warmup_steps: int = _opt(0, "cosine: optimizer steps of linear warm-up to --lr", "recipe")
+    grad_accum: int = _opt(
+        1, "micro-batches per optimizer step (global batch = batch size x processes x this)", "recipe"
+    )
+    clip_grad_norm: float | None = _opt(
+        None, "clip the gradients' total norm to this (after fp16's unscaling)", "recipe"
+    )
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss", "recipe")
+    ema: float | None = _opt(
+        None, "also keep an exponential moving average of the weights with this decay (e.g. 0.999)", "recipe"
+    )
+    augment: bool = _opt(
+        False, "image data: random crops (shifts of up to 1/8 of the size) and horizontal flips", "recipe"
+    )
     model: str = _opt(
         "blog_resnet",
         "network: blog_resnet, or package.module:factory, called as factory(num_classes=..., in_channels=...)",
@@ -148,6 +172,26 @@ class TrainConfig:
             raise ConfigError(
                 f"--model must be {' or '.join(MODEL_NAMES)} or package.module:factory, got {self.model!r}"
             )
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+        if self.betas is not None:
+            if self.optimizer != "adamw":
+                raise ConfigError("--betas belong to --optimizer adamw")
+            self.adam_betas  # noqa: B018 (parses them)
+        if self.warmup_steps < 0 or (self.warmup_steps and self.schedule != "cosine"):
+            raise ConfigError(f"--warmup-steps is for --schedule cosine, at least 0, got {self.warmup_steps}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"--grad-accum must be at least 1, got {self.grad_accum}")
+        if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
+            raise ConfigError(f"--clip-grad-norm must be a positive number, got {self.clip_grad_norm}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"--ema must be a decay in (0, 1), e.g. 0.999, got {self.ema}")
+        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"--optimizer is one of {', '.join(OPTIMIZERS)}, --schedule one of {', '.join(SCHEDULES)}"
+            )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         if self.image_size is not None and not self.dataset.startswith("imagefolder:"):
@@ -171,6 +215,17 @@ class TrainConfig:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be {kinds}, got {value!r}")
             if float in allowed and type(value) is int:
                 object.__setattr__(self, f.name, float(value))
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        """--betas as two numbers."""
+        try:
+            b1, b2 = (float(b) for b in (self.betas or "0.9,0.999").split(","))
+        except ValueError:
+            raise ConfigError(f"--betas must be two numbers like 0.9,0.999, got {self.betas!r}") from None
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ConfigError(f"--betas must each be in [0, 1), got {self.betas!r}")
+        return b1, b2
 
     @property
     def trackers(self) -> list[str]:

@@ -220,19 +220,20 @@ class TensorImages(Dataset):
         sampler covers (a --limit-eval-batches prefix), not the whole split."""
         return len(self.sampler)
 
-    def __getitem__(self, position: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, position: int) -> tuple[Tensor, Tensor, Tensor]:
         """One sample at a position of the epoch's order, as `__getitems__` reads batches."""
         index = self.sampler.order()[position]
-        return self.images[index], self.labels[index]
+        return self.images[index], self.labels[index], index
 
-    def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """A batch: its images, labels and sample numbers (what augmentation is seeded by)."""
         order = self._device_order()
         first, n = positions[0], len(positions)
         if positions == list(range(first, first + n)):
             index = order[first : first + n]
         else:  # accelerate pads the last evaluation batches with positions from the start
             index = order[torch.as_tensor(positions).to(order.device)]
-        return self.images[index], self.labels[index]
+        return self.images[index], self.labels[index], index
 
     def _device_order(self) -> Tensor:
         key = (self.sampler.epoch, self.sampler.shuffle)
@@ -245,7 +246,7 @@ class TensorImages(Dataset):
         return self._order[1]
 
 
-def whole_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def whole_batch(batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """collate_fn for `TensorImages`: the batch is already stacked."""
     return batch
 
@@ -347,7 +348,7 @@ class PositionedDataset(Dataset):
     def total_dataset_length(self) -> int:
         return len(self.sampler)
 
-    def __getitem__(self, position: int) -> tuple[Tensor, int]:
+    def __getitem__(self, position: int) -> tuple[Tensor, int, int]:
         key = (self.sampler.epoch, self.sampler.shuffle)
         if self._order is None or self._order[0] != key:  # once per epoch and worker
             self._order = (key, self.sampler.order().tolist())
@@ -362,7 +363,7 @@ class PositionedDataset(Dataset):
             raise DataError(f"sample {index}: the label {label!r} is not an integer class") from None
         if self.num_classes is not None and not 0 <= label < self.num_classes:
             raise DataError(f"sample {index} has the label {label}, outside the model's {self.num_classes} classes")
-        return inputs, label
+        return inputs, label, index
 
 
 def make_loader(

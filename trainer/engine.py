@@ -10,6 +10,7 @@ signals in `runtime.py`; the run's logs in `runlog.py`; folders on disk in `chec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from trainer import checkpoint as ckpt
-from trainer import runtime, state
+from trainer import recipe, runtime, state
 from trainer.config import CUSTOM_DATA, ConfigError, TrainConfig
 from trainer.console import Reporter
 from trainer.data import (
@@ -133,11 +134,17 @@ class Trainer:
             self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler
         )
         self._prepared = True
+        # The user's module itself: no DDP wrapper, no torch.compile wrapper (whose state_dict keys
+        # gain an `_orig_mod.` prefix), so checkpoints are the same with and without --compile.
+        self.module = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)
         if self._start_sampler(0, 0) != self.steps_per_epoch:
             raise RuntimeError(f"{len(self.train_loader)} prepared steps per epoch, {self.steps_per_epoch} planned")
         self.position = state.Position()
         self.stats = state.EpochStats()  # train_epoch sizes it when an epoch begins
         self._failed_step_rng: Any = None  # torch's generators before a step that failed in the data or model
+        self._augment_pad: int | None = None
         self.stop_signal: int | None = None
         self.finished = False  # the run's end is saved (or failed): later signals are ignored
         self._last_saved: Path | None = None
@@ -158,11 +165,12 @@ class Trainer:
         self.train_size, self.test_size = len(self.data.train), len(self.data.test)
         if self.test_size == 0:
             raise ConfigError("the evaluation data is empty")
-        per_step = cfg.batch_size * self.num_processes
+        per_step = cfg.batch_size * self.num_processes * cfg.grad_accum
         if self.train_size < per_step:
+            accumulated = f" x {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else ""
             raise ConfigError(
                 f"the training split has {self.train_size} samples, fewer than one step needs "
-                f"({cfg.batch_size} per process x {self.num_processes} processes)"
+                f"({cfg.batch_size} per process x {self.num_processes} processes{accumulated})"
             )
         device, workers = acc.device, cfg.num_workers
         self.train_loader = make_loader(self.data.train, cfg.batch_size, train=True, seed=cfg.seed, device=device,
@@ -226,38 +234,37 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def _setup_optimizer(self) -> None:
-        cfg = self.config
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        self.optimizer = recipe.new_optimizer(self.model, self.config)
+        self.ema = recipe.new_ema(self.model, self.config.ema) if self.config.ema is not None else None
 
     def _start_sampler(self, epoch: int, start: int) -> int:
         """Points the training sampler at sample `start` of `epoch`; returns the optimizer steps left."""
         self.train_sampler.set_position(epoch, start, self._train_samples())
-        return len(self.train_loader)
+        return len(self.train_loader) // self.config.grad_accum
 
     def _train_samples(self) -> int:
-        """The samples an epoch covers: all, or the first --limit-train-batches steps' worth."""
-        return self._limited(self.train_size, self.config.limit_train_batches, self.config.batch_size)
+        """The samples an epoch covers: whole optimizer steps of every process (batch x processes x
+        accumulation), at most --limit-train-batches of them."""
+        per_step = self.config.batch_size * self.num_processes * self.config.grad_accum
+        steps = self.train_size // per_step
+        if self.config.limit_train_batches is not None:
+            steps = min(steps, self.config.limit_train_batches)
+        return steps * per_step
 
     def _eval_images(self) -> int:
         """The images an evaluation covers: all, or the first --limit-eval-batches batches' worth."""
-        return self._limited(self.test_size, self.config.limit_eval_batches, self.config.eval_batch_size)
-
-    def _limited(self, size: int, batches_per_process: int | None, batch_size: int) -> int:
-        return size if batches_per_process is None else min(size, batches_per_process * self.num_processes * batch_size)
+        limit, batch = self.config.limit_eval_batches, self.config.eval_batch_size
+        return self.test_size if limit is None else min(self.test_size, limit * self.num_processes * batch)
 
     def _setup_schedule(self) -> None:
-        """OneCycle over the run, in units of one per-process batch of data.
-
-        accelerate's prepared scheduler advances the wrapped one `num_processes` units per
-        optimizer step (each step consumes that many batches). Sizing the schedule in units makes
-        its position the amount of data seen, whatever the process count; sizing it as
-        `(steps - 1) * N + 1` units puts the last optimizer step exactly on OneCycle's final LR.
-        """
+        """The LR schedule over the run, in units of one per-process batch of data (see recipe.py):
+        `(steps - 1) * N + 1` units put the last optimizer step exactly on the schedule's end."""
         cfg = self.config
         # What accelerate's sharding of the drop_last loader gives each process (checked after prepare).
-        self.steps_per_epoch = self._train_samples() // cfg.batch_size // self.num_processes
+        self.steps_per_epoch = self._train_samples() // (cfg.batch_size * self.num_processes * cfg.grad_accum)
         total_steps = self.steps_per_epoch * cfg.epochs
-        self.scheduler = state.new_onecycle(self.optimizer, cfg, (total_steps - 1) * self.num_processes + 1)
+        units = (total_steps - 1) * self.num_processes + 1
+        self.scheduler = recipe.new_schedule(self.optimizer, cfg, units, self.num_processes)
 
     def _prepare_run_dir(self) -> None:
         """Locks the run folder (the main process), then checks it or resumes from it."""
@@ -300,7 +307,7 @@ class Trainer:
         self._lock.release()
         if self._prepared:
             self._prepared = False
-            self.model = self._plain_model()
+            self.model = self.module
             self.accelerator.free_memory()  # drops accelerate's references, then gc.collect()
 
     def __enter__(self) -> Trainer:
@@ -350,10 +357,11 @@ class Trainer:
         eval_started, first_evaluation = time.perf_counter(), self._warmup["eval"] is None
         self.report.evaluating(self._eval_images())
         valid = self.evaluate()
+        averaged = self.evaluate(self.ema.module) if self.ema is not None else None
         self.report.evaluated()
         # The first evaluation batch of this process is warm-up (warmup_s), not evaluation.
         eval_time = time.perf_counter() - eval_started - valid.first_batch_s * first_evaluation
-        record = self._epoch_record(train, valid, eval_time)
+        record = self._epoch_record(train, valid, averaged, eval_time)
         self.position.next_epoch()
         self._save(record, train["curve"])
         # Every process takes part in this agreement, also one that already holds a signal.
@@ -365,16 +373,13 @@ class Trainer:
         """Trains from the current position to the end of the epoch and returns its summary; saves
         and raises Stopped when a stop signal is agreed on mid-epoch."""
         cfg, acc, pos = self.config, self.accelerator, self.position
-        per_step = cfg.batch_size * self.num_processes
+        per_step = cfg.batch_size * self.num_processes * cfg.grad_accum
         if pos.samples_in_epoch == 0:
             self.stats = state.EpochStats.empty(self.steps_per_epoch, acc.device)
         stats, first = self.stats, self.stats.filled
         remaining = self._start_sampler(pos.epoch, pos.samples_in_epoch)
         self.model.train()
-        raw_opt = self.optimizer.optimizer
-        # Without a grad scaler or accumulation, accelerate's optimizer wrapper only adds per-step
-        # checks (an import lookup, an inspect.signature): step the wrapped optimizer directly.
-        fast = acc.scaler is None and acc.gradient_accumulation_steps == 1
+        draws = self._augmentation_draws(pos.epoch)
         probe = _LossProbe(acc.device)
         show_every = max(1, remaining // 50)
         self.report.start_epoch(pos.epoch + 1, cfg.epochs, first + remaining, first)
@@ -384,22 +389,13 @@ class Trainer:
         for i in range(first, first + remaining):
             rng = state.torch_rng()
             try:  # the data and the model: a failure here leaves the state of the last whole step
-                inputs, labels = next(batches)
-                logits = self.model(model_input(inputs, self.data.normalization, self.channels_last))
-                loss = F.cross_entropy(logits, labels)
-                acc.backward(loss)
+                loss, correct = self._forward_backward(batches, draws)
             except Exception:
                 self._failed_step_rng = rng
                 raise
-            lr = raw_opt.param_groups[0]["lr"]  # the LR this step uses
-            if fast:
-                raw_opt.step()
-                raw_opt.zero_grad(set_to_none=True)
-            else:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            stats.add(loss, (logits.detach().argmax(dim=1) == labels).sum(), lr)
+            lr = self.optimizer.optimizer.param_groups[0]["lr"]  # the LR this step uses
+            norm = self._optimizer_step()
+            stats.add(loss, correct, lr, norm)
             pos.advance(per_step)
             if self._warmup["train"] is None:  # this process's first step: torch.compile compiles here
                 self._warmup["train"] = time.perf_counter() - t0
@@ -421,20 +417,72 @@ class Trainer:
         self.report.end_epoch()
         # The one sync of the epoch: every process's per-step loss and correct count (float32; the
         # sums are exact in double precision on the host).
-        summary = stats.summary(acc.gather(stats.mine()).cpu(), cfg.batch_size)
+        summary = stats.summary(acc.gather(stats.mine()).cpu(), cfg.batch_size * cfg.grad_accum)
         seconds = stats.time_before + time.perf_counter() - t0
         timed = summary["samples"] - untimed
         # An epoch whose only step was the warm-up has no timed step: no figure rather than a made-up one.
         return {**summary, "time_s": seconds, "samples_per_s": timed / seconds if timed > 0 and seconds > 0 else None}
 
+    def _forward_backward(self, batches: Any, draws: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One optimizer step's micro-batches, forward and backward: their mean loss (a device scalar,
+        no sync) and correct count. With --grad-accum K, accelerate's accumulate() skips DDP's gradient
+        all-reduce on the first K-1 and its backward() divides each loss by K: the K micro-batches
+        of B make the update of one batch of K*B."""
+        cfg, acc, losses, correct = self.config, self.accelerator, [], 0
+        for _ in range(cfg.grad_accum):
+            inputs, labels, index = next(batches)
+            with acc.accumulate(self.model) if cfg.grad_accum > 1 else contextlib.nullcontext():
+                x = model_input(inputs, self.data.normalization, self.channels_last)
+                if draws is not None:
+                    x = recipe.augment(x, draws[index], self._augment_pad)
+                logits = self.model(x)
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                acc.backward(loss)
+            losses.append(loss.detach())
+            correct = correct + (logits.detach().argmax(dim=1) == labels).sum()
+        if cfg.grad_accum > 1 and not acc.sync_gradients:
+            raise RuntimeError("accelerate's accumulation counter is out of step with the optimizer steps")
+        return (losses[0] if len(losses) == 1 else torch.stack(losses).mean()), correct
+
+    def _optimizer_step(self) -> Tensor | None:
+        """Clips (once, after fp16's unscaling), steps the optimizer and the schedule, updates the EMA;
+        returns the gradients' total norm before clipping (None without --clip-grad-norm)."""
+        acc, opt = self.accelerator, self.optimizer
+        norm = None
+        if self.config.clip_grad_norm is not None:
+            norm = acc.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+        if acc.scaler is None and acc.gradient_accumulation_steps == 1:
+            # accelerate's optimizer wrapper would only add per-step checks (an import lookup, an
+            # inspect.signature): step the wrapped optimizer directly.
+            opt.optimizer.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.module)
+        return norm
+
+    def _augmentation_draws(self, epoch: int) -> Tensor | None:
+        """--augment: every sample's crop and flip for this epoch, on the training device."""
+        if not self.config.augment:
+            return None
+        if self._augment_pad is None:
+            height, width = self.data.input_shape[-2:]
+            self._augment_pad = recipe.augment_padding(height, width)
+        draws = recipe.augmentation_draws(self.train_size, self.config.seed, epoch, self._augment_pad)
+        return draws.to(self.accelerator.device)
+
     def _save_due(self) -> bool:
         return bool(self.config.save_every) and self.position.step % self.config.save_every == 0
 
-    def evaluate(self) -> EvalResult:
-        """Exact counts over the test split (or its first --limit-eval-batches batches per process)."""
+    def evaluate(self, model: nn.Module | None = None) -> EvalResult:
+        """Exact counts over the test split (or its first --limit-eval-batches batches per process),
+        of the trained model or of `model` (the EMA's)."""
         self.eval_sampler.set_position(0, 0, self._eval_images())
         result = evaluate_model(
-            self.accelerator, self.model, self.eval_loader, len(self.class_names), self.channels_last,
+            self.accelerator, model or self.model, self.eval_loader, len(self.class_names), self.channels_last,
             self.data.normalization,
         )  # fmt: skip
         if self._warmup["eval"] is None:
@@ -584,12 +632,14 @@ class Trainer:
         """How long it took, the best epoch, where its checkpoint is and what to do with it."""
         epochs = len(self.history)
         seconds = sum(r["epoch_time_s"] + r["eval_time_s"] + r["warmup_s"] for r in self.history)
-        best = max(self.history, key=lambda r: r["valid_acc"])
+        key = self._best_key
+        best = max(self.history, key=lambda r: r[key])
         where = self.run_dir / ckpt.BEST_LINK
+        correct = best[key.replace("acc", "correct")]
         self._tell(
             f"done: {epochs} epoch{'s' if epochs != 1 else ''} in {_duration(seconds)} of training and evaluation; "
-            f"best valid acc {best['valid_acc']:.4f} ({best['valid_correct']}/{best['valid_seen']}) after epoch "
-            f"{best['epoch']}: {where}"
+            f"best valid acc{' (EMA)' if self.ema is not None else ''} {best[key]:.4f} ({correct}/"
+            f"{best['valid_seen']}) after epoch {best['epoch']}: {where}"
         )
         if self.config.dataset != CUSTOM_DATA:  # the tools rebuild the data from the checkpoint
             model = f" --model {self.factory}" if self.factory else ""
@@ -607,8 +657,10 @@ class Trainer:
         backend = str(getattr(plugin.backend, "value", plugin.backend)).lower()
         return "no" if backend == "no" else f"{backend} ({plugin.mode or 'default'})"
 
-    def _epoch_record(self, train: dict[str, Any], valid: EvalResult, eval_time: float) -> dict[str, Any]:
-        return {
+    def _epoch_record(
+        self, train: dict[str, Any], valid: EvalResult, averaged: EvalResult | None, eval_time: float
+    ) -> dict[str, Any]:
+        record = {
             "epoch": self.position.epoch + 1,
             "step": self.position.step,
             "train_loss": train["loss"],
@@ -628,16 +680,23 @@ class Trainer:
             "num_processes": self.num_processes,
             "mixed_precision": self.accelerator.mixed_precision,
         }
+        if self.config.clip_grad_norm is not None:  # the norms before clipping
+            record |= {"grad_norm_mean": train["grad_norm_mean"], "grad_norm_max": train["grad_norm_max"]}
+        if averaged is not None:
+            record |= {"valid_loss_ema": averaged.loss, "valid_acc_ema": averaged.accuracy,
+                       "valid_correct_ema": averaged.correct}  # fmt: skip
+        return record
+
+    @property
+    def _best_key(self) -> str:
+        """What `best` is chosen by: the accuracy of the weights evaluate and predict use (the EMA's
+        when there is one)."""
+        return "valid_acc_ema" if self.ema is not None else "valid_acc"
 
     # ------------------------------------------------------------------ checkpoints
     def _parts(self) -> state.Parts:
-        return state.Parts(self._plain_model(), self.optimizer.optimizer, self.scheduler.scheduler,
-                           self.accelerator.scaler)  # fmt: skip
-
-    def _plain_model(self) -> nn.Module:
-        """The user's module itself: no DDP wrapper, no torch.compile wrapper (whose state_dict keys
-        gain an `_orig_mod.` prefix), so checkpoints are the same with and without --compile."""
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return state.Parts(self.module, self.optimizer.optimizer, self.scheduler.scheduler,
+                           self.accelerator.scaler, self.ema)  # fmt: skip
 
     def _save(self, record: dict[str, Any] | None = None, curve: dict[str, Any] | None = None) -> None:
         """Saves a checkpoint; after an epoch, `record` (its metrics) and `curve` go to the logs first.
@@ -660,7 +719,7 @@ class Trainer:
                 metadata = state.model_metadata(self.architecture, self.factory, self.data, pos, self.history)
                 contents = state.contents(self._parts(), pos, self.stats, self.config, metadata, rng, progress, extra)
                 folder = ckpt.save(self.run_dir, pos.step, contents)
-                if record is not None and max(self.history, key=lambda r: r["valid_acc"]) is record:
+                if record is not None and max(self.history, key=lambda r: r[self._best_key]) is record:
                     ckpt.update_best(self.run_dir, folder)
                 ckpt.prune(self.run_dir, self.config.keep_last)
             except ckpt.SaveError as exc:

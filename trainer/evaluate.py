@@ -35,6 +35,7 @@ def report(result: EvalResult, loaded: LoadedModel, **extra: Any) -> dict[str, A
         "dataset": loaded.dataset,
         "step": loaded.step,
         "epoch": loaded.epoch,
+        "weights": loaded.weights,
         "accuracy": result.accuracy,
         "correct": result.correct,
         "seen": result.seen,
@@ -63,6 +64,7 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     # MNIST's names are its digits; other data sets' names are worth a column.
     named = names != [str(k) for k in range(len(names))]
     where = f"step {summary['step']}, epoch {summary['epoch']}"
+    where += ", its EMA weights" if summary["weights"] == "EMA" else ""
     console.print(f"checkpoint {summary['checkpoint']} ({summary['architecture']}, {where})", soft_wrap=True)
     console.print(
         f"{summary['dataset']} test split: accuracy [bold]{summary['accuracy']:.4f}[/] "

@@ -53,6 +53,7 @@ class LoadedModel:
     input_shape: tuple[int, ...]  # [channels, height, width]
     step: int
     epoch: int
+    weights: str = "trained"  # or "EMA": the checkpoint's exponential moving average (--ema)
 
 
 def model_file(checkpoint: str | os.PathLike) -> Path:
@@ -121,6 +122,13 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
     if normalization is not None and (normalization["divide_by"] <= 0 or normalization["std"] <= 0):
         raise ckpt.CheckpointError(f"{path}: invalid normalization {normalization}")
     model = build_model(model_spec or architecture, num_classes, input_shape)
+    weights, ema = "trained", path.parent / ckpt.EMA_NAME
+    if path.name == ckpt.MODEL_NAME and ema.is_file():  # a checkpoint trained with --ema: its averaged weights
+        try:
+            state = {k: v for k, v in load_file(ema).items() if k != "n_averaged"}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"{ema} is not a readable safetensors file ({first_line(exc)})") from None
+        weights = "EMA"
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -128,7 +136,8 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
             f"{path} does not fit a {model_spec or architecture} with {num_classes} classes: {first_line(exc)}"
         ) from None
     model.eval()
-    return LoadedModel(model, path, architecture, dataset, class_names, normalization, input_shape, step, epoch)
+    return LoadedModel(model, path, architecture, dataset, class_names, normalization, input_shape, step, epoch,
+                       weights)  # fmt: skip
 
 
 def recorded_config(loaded: LoadedModel) -> dict[str, Any]:
@@ -194,7 +203,7 @@ def evaluate_model(
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=acc.device)
     losses_seen = []  # per-image float32 losses stay on the device (no float64 there: MPS has none)
     started, first_batch_s = time.perf_counter(), 0.0
-    for images, labels in loader:
+    for images, labels, *_ in loader:  # (the sample numbers are for augmentation)
         logits = model(model_input(images, normalization, channels_last)).float()
         if not losses_seen:
             first_batch_s = time.perf_counter() - started

@@ -365,6 +365,8 @@ def make_accelerator(config: TrainConfig) -> Any:
     try:
         return Accelerator(
             cpu=config.cpu,
+            # accelerate's accumulate(): no gradient all-reduce on the micro-batches that do not step.
+            gradient_accumulation_steps=config.grad_accum,
             # Our sampler derives each epoch's order from (seed, epoch): no RNG needs syncing per epoch.
             rng_types=[],
             # Batches of a Dataset come from pinned memory on CUDA: copy them without blocking the host

@@ -21,11 +21,15 @@ from torch import Tensor
 
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, TrainConfig
+from trainer.errors import first_line
 
+# In ema.safetensors beside the averaged weights: how many updates they hold (AveragedModel's n_averaged).
+EMA_COUNT = "n_averaged"
 # Recipe fields a checkpoint must agree on with the run that resumes it.
 RECIPE_CHECKED = (
     "model", "dataset", "image_size", "epochs", "batch_size", "lr", "momentum", "cycle_momentum", "seed",
-    "limit_train_batches",
+    "limit_train_batches", "optimizer", "weight_decay", "betas", "schedule", "warmup_steps", "grad_accum",
+    "clip_grad_norm", "label_smoothing", "ema", "augment",
 )  # fmt: skip
 
 
@@ -51,40 +55,47 @@ class EpochStats:
     """The running statistics of the epoch under way, so that its metrics count every step once
     however often it was stopped and resumed.
 
-    `steps` holds this process's per-step (loss, correct) on the training device (written without
-    a host sync); `carry` / `carry_curve` hold what a checkpoint of another world size had done.
+    `steps` holds this process's per-step (loss, correct, gradient norm) on the training device
+    (written without a host sync); `carry` / `carry_curve` hold what a checkpoint of another world
+    size had done.
     """
 
-    steps: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
+    steps: Tensor = field(default_factory=lambda: torch.zeros(0, 3))
     filled: int = 0
-    carry: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
+    carry: Tensor = field(default_factory=lambda: torch.zeros(0, 3))
     carry_curve: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)  # the LR of each step of this epoch so far
     time_before: float = 0.0  # seconds of this epoch spent before the last resume or save
 
     @classmethod
     def empty(cls, steps: int, device: torch.device) -> EpochStats:
-        return cls(steps=torch.zeros(steps, 2, device=device))
+        return cls(steps=torch.zeros(steps, 3, device=device))
 
-    def add(self, loss: Tensor, correct: Tensor, lr: float) -> None:
-        self.steps[self.filled, 0] = loss.detach()
+    def add(self, loss: Tensor, correct: Tensor, lr: float, grad_norm: Tensor | None) -> None:
+        self.steps[self.filled, 0] = loss
         self.steps[self.filled, 1] = correct
+        if grad_norm is not None:
+            self.steps[self.filled, 2] = grad_norm
         self.lrs.append(lr)
         self.filled += 1
 
     def mine(self) -> Tensor:
-        """This process's steps so far, [1, steps, 2], ready to be gathered."""
+        """This process's steps so far, [1, steps, 3], ready to be gathered."""
         return self.steps[: self.filled].unsqueeze(0)
 
-    def summary(self, gathered: Tensor, batch_size: int) -> dict[str, Any]:
-        """The finished epoch from every process's per-step stats ([processes, steps, 2], host):
-        its loss and accuracy per sample (exact sums in double precision), and its curves."""
-        rows = torch.cat([self.carry, gathered.reshape(-1, 2)]).tolist()
-        samples = len(rows) * batch_size
+    def summary(self, gathered: Tensor, samples_per_step: int) -> dict[str, Any]:
+        """The finished epoch from every process's per-step stats ([processes, steps, 3], host):
+        its loss and accuracy per sample (exact sums in double precision), the gradient norm's mean
+        and maximum, and its curves."""
+        rows = torch.cat([self.carry, gathered.reshape(-1, 3)]).tolist()
+        samples = len(rows) * samples_per_step
+        norms = [norm for _, _, norm in rows]
         return {
-            "loss": math.fsum(loss for loss, _ in rows) * batch_size / samples,
-            "acc": math.fsum(correct for _, correct in rows) / samples,
+            "loss": math.fsum(loss for loss, _, _ in rows) * samples_per_step / samples,
+            "acc": math.fsum(correct for _, correct, _ in rows) / samples,
             "samples": samples,
+            "grad_norm_mean": math.fsum(norms) / len(norms),
+            "grad_norm_max": max(norms),
             "curve": {"loss": self.carry_curve + gathered[:, :, 0].mean(dim=0).tolist(), "lr": list(self.lrs)},
         }
 
@@ -97,6 +108,7 @@ class Parts:
     optimizer: torch.optim.Optimizer  # the one accelerate wraps
     scheduler: Any  # torch's OneCycleLR, the one accelerate wraps
     scaler: Any  # fp16's GradScaler, or None
+    ema: Any = None  # torch's AveragedModel of the weights (--ema), or None
 
 
 def contents(
@@ -144,7 +156,10 @@ def contents(
         "grad_scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
         **extra,  # world_size, mixed_precision, history, curves
     }
-    return ckpt.CheckpointContents(parts.model.state_dict(), metadata, optimizer_tensors, rng, progress, state)
+    ema = {}
+    if parts.ema is not None:  # the averaged weights and buffers, and how many updates they hold
+        ema = {**parts.ema.module.state_dict(), EMA_COUNT: parts.ema.n_averaged}
+    return ckpt.CheckpointContents(parts.model.state_dict(), metadata, optimizer_tensors, rng, progress, state, ema)
 
 
 def check_recipe(folder: Path, saved: dict[str, Any], config: TrainConfig, how_to_branch: str) -> None:
@@ -188,6 +203,16 @@ def restore(folder: Path, loaded: ckpt.CheckpointContents, parts: Parts, rank: i
         _, pid, name = key.split(".", 2)
         opt_state["state"].setdefault(int(pid), {})[name] = value
     parts.optimizer.load_state_dict(opt_state)
+    if parts.ema is not None:
+        count = loaded.ema.get(EMA_COUNT)
+        weights = {k: v for k, v in loaded.ema.items() if k != EMA_COUNT}
+        try:
+            parts.ema.module.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise ckpt.CheckpointError(f"{folder / ckpt.EMA_NAME} does not fit the model: {first_line(exc)}") from None
+        if count is None:
+            raise ckpt.CheckpointError(f"{folder / ckpt.EMA_NAME} lacks {EMA_COUNT}")
+        parts.ema.n_averaged.copy_(count)
     parts.scheduler.load_state_dict(state["scheduler"])
     if parts.scaler is not None and state.get("grad_scaler"):
         parts.scaler.load_state_dict(state["grad_scaler"])
@@ -209,7 +234,7 @@ def restore_epoch_stats(
         stats.steps[: done.shape[1]] = done[rank].to(device)
         stats.filled = done.shape[1]
     else:
-        stats.carry = torch.cat([carry, done.reshape(-1, 2)])
+        stats.carry = torch.cat([carry, done.reshape(-1, 3)])
         stats.carry_curve = list(state["epoch_loss_curve"])
     return stats
 

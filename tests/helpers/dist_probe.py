@@ -26,7 +26,7 @@ def probe(data_dir: Path, output_dir: Path, weights: Path, result: Path, epochs:
     naive_correct = naive_seen = 0
     trainer.model.eval()
     with torch.no_grad():
-        for images, labels in trainer.eval_loader:
+        for images, labels, _ in trainer.eval_loader:
             logits = trainer.model(images.unsqueeze(1).float() / 255)
             counts = torch.stack([(logits.argmax(1) == labels).sum(), torch.tensor(len(labels))]).unsqueeze(0)
             counts = acc.gather_for_metrics(counts)
