@@ -75,6 +75,43 @@ def test_mid_epoch_resume_is_exact(run_main, tiny_data, tmp_path, deterministic,
         assert sa == sb
 
 
+def test_fp16_with_clipping_and_accumulation_resumes_exactly(run_main, tiny_data, tmp_path, deterministic):
+    """accelerate#641's case: fp16's scaler, clipping after unscaling once per optimizer step, and
+    accumulation; a mid-epoch resume gives the unbroken run's weights, EMA and scaler."""
+    flags = [
+        "--epochs",
+        "2",
+        "--save-every",
+        "5",
+        "--keep-last",
+        "100",
+        "--mixed-precision",
+        "fp16",
+        "--grad-accum",
+        "2",
+        "--clip-grad-norm",
+        "1.0",
+        "--ema",
+        "0.9",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.01",
+    ]
+    assert run_main(gpu_args(tiny_data, tmp_path / "a", *flags)).returncode == 0
+    unbroken = tmp_path / "a" / "mnist"
+    records = rows(unbroken)
+    assert [r["step"] for r in records] == [12, 24] and all(r["grad_norm_max"] > 0 for r in records)
+    resumed = run_main(["--data-dir", str(tiny_data), "--progress", "plain", "--output-dir", str(tmp_path / "b"),
+                        "--run-name", "r", "--resume", str(unbroken / "step_0000015")])  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    for name in (ckpt.MODEL_NAME, ckpt.EMA_NAME):
+        a, b = load_file(unbroken / "step_0000024" / name), load_file(tmp_path / "b" / "r" / "step_0000024" / name)
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], name
+    sa = json.loads((unbroken / "step_0000024" / ckpt.STATE_NAME).read_text())["grad_scaler"]
+    assert sa == json.loads((tmp_path / "b" / "r" / "step_0000024" / ckpt.STATE_NAME).read_text())["grad_scaler"]
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_training_steps_never_synchronise(run_main, tiny_data, tmp_path, monkeypatch, precision):
     """From the second step of each epoch until the epoch's end, any call that makes the host
