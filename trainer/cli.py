@@ -16,7 +16,7 @@ from trainer.errors import ConfigError, HelpFormatter, Parser, fail
 
 # Settings of where and how this command runs, never taken from a checkpoint on --resume (the
 # run folder is the checkpoint's own unless --run-name branches off; see parse_config).
-NOT_RESUMED = ("resume", "cpu", "progress", "output_dir", "run_name", "mixed_precision", "threads")
+NOT_RESUMED = ("resume", "init_from", "cpu", "progress", "output_dir", "run_name", "mixed_precision", "threads")
 GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "data": "data and evaluation", "infra": "infrastructure"}
 
 
@@ -31,7 +31,8 @@ def _flag_type(annotation: str) -> type:
 METAVARS = {
     "epochs": "N", "batch_size": "N", "lr": "LR", "momentum": "M", "seed": "N", "limit_train_batches": "N",
     "data_dir": "DIR", "eval_batch_size": "N", "limit_eval_batches": "N", "output_dir": "DIR", "run_name": "NAME",
-    "resume": "latest|PATH", "save_every": "N", "keep_last": "K", "log_with": "NAMES", "threads": "N",
+    "resume": "latest|PATH", "init_from": "PATH", "save_every": "N", "keep_last": "K", "log_with": "NAMES",
+    "threads": "N",
     "model": "NAME|MODULE:FN", "dataset": "NAME|imagefolder:PATH", "image_size": "N|HxW", "num_workers": "N",
     "weight_decay": "W", "betas": "B1,B2", "warmup_steps": "N", "grad_accum": "K", "clip_grad_norm": "X",
     "label_smoothing": "X", "ema": "DECAY",
@@ -85,6 +86,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if values["resume"] is not None:
         from trainer import checkpoint as ckpt  # torch, after the flags were settled
 
+        TrainConfig(**values)  # the typed flags are refused before a checkpoint is read
         state = _checkpoint_state(values)
         resumed = {k: v for k, v in state["config"].items() if k in values and k not in NOT_RESUMED}
         values = values | resumed | typed

@@ -121,6 +121,12 @@ class TrainConfig:
         "infra",
     )
     resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from", "infra")
+    init_from: str | None = _opt(
+        None,
+        "start a new run from the weights of a checkpoint (folder, best link, run folder or model.safetensors), "
+        "with this command's recipe; a classifier for another number of classes starts afresh",
+        "infra",
+    )
     save_every: int | None = _opt(None, "also save a checkpoint every N optimizer steps", "infra")
     keep_last: int = _opt(3, "checkpoints kept per run besides the best one (at least 1)", "infra")
     log_with: str | None = _opt(
@@ -191,6 +197,10 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"--optimizer is one of {', '.join(OPTIMIZERS)}, --schedule one of {', '.join(SCHEDULES)}"
+            )
+        if self.init_from is not None and self.resume is not None:
+            raise ConfigError(
+                "--init-from starts a new run from a checkpoint's weights, --resume continues one: pass one of them"
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")

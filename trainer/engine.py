@@ -127,6 +127,9 @@ class Trainer:
         self._setup_data(train_data, eval_data)
         self._setup_model(model, class_names)
         self._setup_optimizer()
+        self.lineage: dict[str, Any] | None = None  # where a run started with --init-from began
+        if config.init_from is not None:
+            self._init_from(config.init_from)
         self._setup_schedule()
         # All at once, as accelerate expects: its optimizer wrapper keeps the step that the scheduler
         # wrapped (a scheduler made later makes torch warn about an overridden step in fp16 runs).
@@ -236,6 +239,16 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         self.optimizer = recipe.new_optimizer(self.model, self.config)
         self.ema = recipe.new_ema(self.model, self.config.ema) if self.config.ema is not None else None
+
+    def _init_from(self, source: str) -> None:
+        """--init-from: the weights (and the EMA's) of another run's checkpoint; everything else fresh."""
+        self.lineage, kept, new = state.init_weights(source, self.model, self.ema, self.architecture,
+                                                     self.data.input_shape)  # fmt: skip
+        fresh = f"; {len(new)} new for {len(self.class_names)} classes ({', '.join(new[:3])}{', ...' * (len(new) > 3)})"
+        self.report.line(
+            f"init from {self.lineage['parent']} (step {self.lineage['step']}): {len(kept)} tensors kept"
+            + (fresh if new else "")
+        )
 
     def _start_sampler(self, epoch: int, start: int) -> int:
         """Points the training sampler at sample `start` of `epoch`; returns the optimizer steps left."""
@@ -715,7 +728,7 @@ class Trainer:
             try:
                 extra = {"world_size": self.num_processes, "mixed_precision": acc.mixed_precision,
                          "history": self.log.history, "curves": self.log.curves,
-                         "data_digest": self.data.digest}  # fmt: skip
+                         "data_digest": self.data.digest, "lineage": self.lineage}  # fmt: skip
                 metadata = state.model_metadata(self.architecture, self.factory, self.data, pos, self.history)
                 contents = state.contents(self._parts(), pos, self.stats, self.config, metadata, rng, progress, extra)
                 folder = ckpt.save(self.run_dir, pos.step, contents)
@@ -769,14 +782,15 @@ class Trainer:
             self.stats = state.restore_epoch_stats(loaded, self.steps_per_epoch, self.num_processes,
                                                    acc.process_index, acc.device)  # fmt: skip
         self.log.history, self.log.curves = saved["history"], saved["curves"]
+        self.lineage = saved["lineage"]
         if saved["world_size"] != self.num_processes and self.position.epoch < cfg.epochs:
             pos = self.position
             steps_left = self._start_sampler(pos.epoch, pos.samples_in_epoch) + (cfg.epochs - pos.epoch - 1) * (
                 self.steps_per_epoch
             )
             units_left = max(steps_left - 1, 0) * self.num_processes + 1
-            self.scheduler.scheduler = state.rescaled_onecycle(
-                self.scheduler.scheduler, self.optimizer.optimizer, cfg, units_left
+            self.scheduler.scheduler = recipe.rescaled_schedule(
+                self.scheduler.scheduler, self.optimizer.optimizer, cfg, units_left, self.num_processes
             )
             self.report.warn(
                 f"resuming a {saved['world_size']}-process checkpoint on {self.num_processes} processes: the data "

@@ -18,7 +18,15 @@ from trainer import checkpoint as ckpt
 from trainer.config import PRECISIONS, ConfigError, TrainConfig
 from trainer.data import input_shape_of, make_loader
 from trainer.errors import HelpFormatter, Parser, add_json_flag, fail, write_json
-from trainer.evaluation import EvalResult, LoadedModel, class_metrics, evaluate_model, load_model, load_test_split
+from trainer.evaluation import (
+    EvalResult,
+    LoadedModel,
+    class_metrics,
+    evaluate_model,
+    load_model,
+    load_test_split,
+    recorded,
+)
 
 
 def report(result: EvalResult, loaded: LoadedModel, **extra: Any) -> dict[str, Any]:
@@ -66,6 +74,10 @@ def print_report(summary: dict[str, Any], console: Any = None) -> None:
     where = f"step {summary['step']}, epoch {summary['epoch']}"
     where += ", its EMA weights" if summary["weights"] == "EMA" else ""
     console.print(f"checkpoint {summary['checkpoint']} ({summary['architecture']}, {where})", soft_wrap=True)
+    if summary.get("lineage"):
+        parent = summary["lineage"]
+        console.print(f"started from {parent['parent']} (step {parent['step']}, weights sha256 "
+                      f"{parent['sha256'][:12]}...)", soft_wrap=True)  # fmt: skip
     console.print(
         f"{summary['dataset']} test split: accuracy [bold]{summary['accuracy']:.4f}[/] "
         f"({summary['correct']}/{summary['seen']})  loss {summary['loss']:.4f}  macro-F1 {summary['macro_f1']:.4f}"
@@ -158,7 +170,8 @@ def _run(args: argparse.Namespace) -> int:
     model = acc.prepare_model(model, evaluation_mode=True)
     loader = acc.prepare(make_loader(split, args.batch_size, train=False, seed=0, device=acc.device))
     result = evaluate_model(acc, model, loader, len(loaded.class_names), channels_last, loaded.normalization)
-    summary = report(result, loaded, num_processes=acc.num_processes, mixed_precision=acc.mixed_precision)
+    summary = report(result, loaded, num_processes=acc.num_processes, mixed_precision=acc.mixed_precision,
+                     lineage=recorded(loaded, "lineage"))  # fmt: skip
     if acc.is_main_process:
         if args.json != "-":
             print_report(summary)

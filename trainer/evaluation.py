@@ -140,13 +140,19 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
                        weights)  # fmt: skip
 
 
-def recorded_config(loaded: LoadedModel) -> dict[str, Any]:
-    """The settings of the run that wrote the checkpoint (state.json beside model.safetensors), if any."""
+def recorded(loaded: LoadedModel, key: str) -> Any:
+    """A field of the state.json beside the checkpoint's model.safetensors (its run's `config`, its
+    `lineage`), or None for a model file on its own."""
     try:
-        config = json.loads((loaded.path.parent / ckpt.STATE_NAME).read_text())["config"]
-        return config if isinstance(config, dict) else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        return json.loads((loaded.path.parent / ckpt.STATE_NAME).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def recorded_config(loaded: LoadedModel) -> dict[str, Any]:
+    """The settings of the run that wrote the checkpoint, if known."""
+    config = recorded(loaded, "config")
+    return config if isinstance(config, dict) else {}
 
 
 def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | None = None) -> Any:

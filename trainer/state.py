@@ -239,20 +239,68 @@ def restore_epoch_stats(
     return stats
 
 
-def new_onecycle(optimizer: torch.optim.Optimizer, config: TrainConfig, total_units: int) -> Any:
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=max(total_units, 2), cycle_momentum=config.cycle_momentum
-    )
+def init_weights(
+    source: str, model: torch.nn.Module, ema: Any, architecture: str, input_shape: tuple[int, ...]
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """--init-from: a new run's weights (and EMA weights) from a checkpoint folder, a `best` link, a
+    run folder (its best) or a model.safetensors. A classifier for another number of classes (the
+    tensors whose first dimension is the class count) keeps its fresh, seeded initialisation; any
+    other difference is one line. Returns the lineage (the parent's path, step and weights' sha256)
+    and the names of the tensors kept and new."""
+    import hashlib
 
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
 
-def rescaled_onecycle(old: Any, optimizer: torch.optim.Optimizer, config: TrainConfig, units_left: int) -> Any:
-    """Another world size: the units done are kept, the rest is sized to what remains now."""
-    done_units = old.last_epoch
-    fresh = new_onecycle(optimizer, config, done_units + units_left)
-    fresh.last_epoch = done_units - 1
-    fresh._step_count = done_units
-    fresh.step()  # sets the optimizer's LR (and momentum) for position `done_units`
-    return fresh
+    from trainer.evaluation import model_file
+
+    path = model_file(source)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        parent = load_file(path)
+        their_shape, their_classes = tuple(json.loads(meta["input_shape"])), int(meta["num_classes"])
+        step = int(meta["step"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ckpt.CheckpointError(
+            f"--init-from {source}: {path} is not a checkpoint's model ({first_line(exc)})"
+        ) from None
+    if meta.get("architecture") != architecture:
+        raise ConfigError(f"--init-from {source}: it holds a {meta.get('architecture')!r} model, this run builds "
+                          f"{architecture!r}")  # fmt: skip
+    if their_shape != tuple(input_shape):
+        raise ConfigError(f"--init-from {source}: its model takes inputs {list(their_shape)}, this run's data are "
+                          f"{list(input_shape)}")  # fmt: skip
+    mine = model.state_dict()
+    if set(parent) != set(mine):
+        odd = sorted(set(parent) ^ set(mine))
+        raise ConfigError(f"--init-from {source}: another architecture ({len(odd)} tensors differ by name, e.g. "
+                          f"{odd[0]})")  # fmt: skip
+    classes = next(t.shape[0] for t in reversed(list(mine.values())) if t.dim() >= 1)
+    kept, new = [], []
+    for name, tensor in mine.items():
+        theirs = parent[name]
+        if theirs.shape == tensor.shape:
+            kept.append(name)
+        elif (
+            theirs.dim() >= 1
+            and (theirs.shape[0], tensor.shape[0]) == (their_classes, classes)
+            and (theirs.shape[1:] == tensor.shape[1:])
+        ):
+            new.append(name)  # the classifier, for another number of classes: its seeded initialisation stays
+        else:
+            raise ConfigError(f"--init-from {source}: {name} is {list(theirs.shape)} there, {list(tensor.shape)} here")
+    model.load_state_dict({k: parent[k] if k in kept else mine[k] for k in mine})
+    ema_file = path.parent / ckpt.EMA_NAME
+    if ema is not None:
+        ema.module.load_state_dict(model.state_dict())
+        if path.name == ckpt.MODEL_NAME and ema_file.is_file():  # the parent's averaged weights go on averaging
+            averaged = load_file(ema_file)
+            ema.module.load_state_dict({k: averaged[k] if k in kept else v for k, v in model.state_dict().items()})
+            ema.n_averaged.fill_(1)
+    lineage = {"parent": str(path.parent if path.name == ckpt.MODEL_NAME else path), "step": step,
+               "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
+    return lineage, kept, new
 
 
 def jsonable(obj: Any) -> Any:
