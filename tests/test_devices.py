@@ -119,12 +119,13 @@ def test_grad_scaler_state_round_trips_through_a_checkpoint(tiny_data, tmp_path,
     b = load_file(tmp_path / "resumed" / "step_0000008" / ckpt.MODEL_NAME)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # Negative control: a checkpoint without the scaler's state resumes with a fresh scale.
+    # Negative control: a checkpoint holding a fresh scaler's state resumes with another scale.
     real_load = ckpt.load
+    fresh = torch.amp.GradScaler("cpu").state_dict()
 
     def without_scaler(folder):
         contents = real_load(folder)
-        contents.state.pop("grad_scaler")
+        contents.state["grad_scaler"] = {**contents.state["grad_scaler"], **fresh}
         return contents
 
     monkeypatch.setattr(ckpt, "load", without_scaler)

@@ -23,23 +23,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-# What a reader can expect of a checkpoint folder; docs/checkpoints.md says what changes bump it.
-FORMAT_VERSION = 2
-MODEL_NAME = "model.safetensors"
-OPTIMIZER_NAME = "optimizer.safetensors"
-RNG_NAME = "rng.safetensors"
-PROGRESS_NAME = "progress.safetensors"
-EMA_NAME = "ema.safetensors"  # only with --ema
-STATE_NAME = "state.json"
-MANIFEST_NAME = "manifest.json"
+from trainer.errors import CheckpointError, first_line
+from trainer.schema import (
+    EMA_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MODEL_NAME,
+    OPTIMIZER_NAME,
+    PROGRESS_NAME,
+    RNG_NAME,
+    STATE_NAME,
+    check_manifest,
+    check_state,
+)
+
 BEST_LINK = "best"
 LOCK_NAME = ".lock"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used or written: reported as one line, exit code 2."""
 
 
 def folder_of(path: str | os.PathLike) -> Path:
@@ -281,15 +282,10 @@ def verify(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest_path} is missing: the save never completed")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        version = manifest["format_version"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{manifest_path} is not a valid manifest") from None
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{folder} has checkpoint format version {version}; this trainer reads version {FORMAT_VERSION}"
-        )
-    for name, expected in files.items():
+    except (OSError, ValueError, RecursionError):
+        raise CheckpointError(f"{manifest_path} is not a valid manifest (JSON)") from None
+    check_manifest(folder, manifest)
+    for name, expected in manifest["files"].items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing (listed in the manifest)")
@@ -302,11 +298,13 @@ def verify(folder: Path) -> dict[str, Any]:
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    """state.json of a verified checkpoint folder."""
+    """state.json of a verified checkpoint folder, checked against the schema."""
     try:
-        return json.loads((folder / STATE_NAME).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {folder / STATE_NAME}: {exc}") from None
+        state = json.loads((folder / STATE_NAME).read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"cannot read {folder / STATE_NAME}: {first_line(exc)}") from None
+    check_state(folder, state)
+    return state
 
 
 def load(folder: Path) -> CheckpointContents:
@@ -322,7 +320,7 @@ def load(folder: Path) -> CheckpointContents:
             rng=load_file(folder / RNG_NAME),
             progress=load_file(folder / PROGRESS_NAME),
             ema=load_file(folder / EMA_NAME) if (folder / EMA_NAME).is_file() else {},
-            state=json.loads((folder / STATE_NAME).read_text()),
+            state=read_state(folder),
         )
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read checkpoint {folder}: {exc}") from None

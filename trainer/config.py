@@ -253,9 +253,10 @@ class TrainConfig:
             return re.sub(r"[^A-Za-z0-9._-]", "_", folder).lstrip("._-") or "images"
         return self.dataset
 
-    def placed(self, custom_data: bool = False) -> TrainConfig:
+    def placed(self, custom_data: bool = False, resumed_run: str | None = None) -> TrainConfig:
         """This config with absolute paths (a resume never depends on the working directory); when
-        it resumes a checkpoint by path without naming a run, that checkpoint's own run folder."""
+        it resumes a checkpoint by path without naming a run, that checkpoint's own run folder
+        (`resumed_run`)."""
         changes: dict[str, Any] = {
             "data_dir": os.path.abspath(self.data_dir),
             "output_dir": os.path.abspath(self.output_dir),
@@ -265,17 +266,10 @@ class TrainConfig:
         elif self.dataset.startswith("imagefolder:"):
             changes["dataset"] = "imagefolder:" + os.path.abspath(self.dataset.split(":", 1)[1])
             changes["run_name"] = self.name
-        if self.resume not in (None, "latest") and self.run_name is None:
-            from trainer.checkpoint import folder_of  # here: the CLI's --help needs no torch
-
-            run = folder_of(self.resume).absolute().parent
-            changes.update(output_dir=str(run.parent), run_name=run.name)
+        if resumed_run is not None and self.run_name is None:
+            run = os.path.abspath(resumed_run)
+            changes.update(output_dir=os.path.dirname(run), run_name=os.path.basename(run))
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})

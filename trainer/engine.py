@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from trainer import checkpoint as ckpt
-from trainer import recipe, runtime, state
+from trainer import recipe, runtime, schema, state
 from trainer.config import CUSTOM_DATA, ConfigError, TrainConfig
 from trainer.console import Reporter
 from trainer.data import (
@@ -88,7 +88,9 @@ class Trainer:
             raise ConfigError(f"--dataset {CUSTOM_DATA} means data given in Python (Trainer(train_data=...))")
         # The CLI's flags, for the commands it prints; None in Python, where advice is in TrainConfig's terms.
         self.command_args = command_args
-        self.config = config = config.placed(custom_data=train_data is not None)
+        by_path = config.resume not in (None, "latest")
+        resumed_run = str(ckpt.folder_of(config.resume).absolute().parent) if by_path else None
+        self.config = config = config.placed(custom_data=train_data is not None, resumed_run=resumed_run)
         runtime.launcher_argv()  # noted now, while the launcher lives (for the printed resume command)
         self.accelerator = accelerator or runtime.make_accelerator(config)
         self.threads: tuple[int, str] | None = None
@@ -775,6 +777,10 @@ class Trainer:
                 f"{folder / ckpt.MODEL_NAME} holds a {loaded.model_metadata.get('architecture')!r} model, "
                 f"this run builds {self.architecture!r}"
             )
+        live = {"model": self.module.state_dict(), "ema": self.ema, "optimizer": self.optimizer.optimizer,
+                "kind": cfg.optimizer, "scheduler": self.scheduler.scheduler, "scaler": acc.scaler,
+                "world": self.num_processes}  # fmt: skip
+        schema.check_tensors(folder, loaded, live, self.steps_per_epoch)  # before anything is restored
         chosen = cfg.mixed_precision is not None  # on the command line, not from accelerate's config
         state.check_precision(folder, saved["mixed_precision"], acc.mixed_precision, chosen, self.report.warn)
         self.position = state.restore(folder, loaded, self._parts(), acc.process_index)

@@ -30,6 +30,10 @@ class DataError(ConfigError):
         super().__init__(message)
 
 
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used or written: reported as one line, exit code 2."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line, for one-line user errors."""
     text = str(exc).strip()

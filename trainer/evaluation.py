@@ -142,11 +142,11 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
 
 def recorded(loaded: LoadedModel, key: str) -> Any:
     """A field of the state.json beside the checkpoint's model.safetensors (its run's `config`, its
-    `lineage`), or None for a model file on its own."""
-    try:
-        return json.loads((loaded.path.parent / ckpt.STATE_NAME).read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
+    `lineage`), checked against the schema; None for a model file on its own."""
+    folder = loaded.path.parent
+    if loaded.path.name != ckpt.MODEL_NAME or not (folder / ckpt.STATE_NAME).is_file():
         return None
+    return ckpt.read_state(folder)[key]
 
 
 def recorded_config(loaded: LoadedModel) -> dict[str, Any]:

@@ -77,8 +77,8 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
         target = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--model {spec}: cannot import it ({first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 (ImportError, or whatever the module raises as it is imported)
+        raise ConfigError(f"--model {spec}: cannot import it ({type(exc).__name__}: {first_line(exc)})") from None
     if not callable(target):
         raise ConfigError(f"--model {spec}: {attribute} is not callable")
     return target
@@ -96,6 +96,8 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] =
         model = factory(num_classes=num_classes, in_channels=in_channels)
     except TypeError as exc:
         raise ConfigError(f"--model {name}: must accept num_classes= and in_channels= ({first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 (the user's factory failed: one line that says where)
+        raise ConfigError(f"--model {name} raised {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {name} returned a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -126,12 +126,9 @@ def contents(
     from trainer import __version__
 
     opt_state = parts.optimizer.state_dict()
-    optimizer_tensors = {
-        f"state.{pid}.{name}": value
-        for pid, entry in opt_state["state"].items()
-        for name, value in entry.items()
-        if isinstance(value, Tensor)
-    }
+    # SGD's and AdamW's per-parameter state is all tensors (AdamW's step too).
+    optimizer_tensors = {f"state.{pid}.{name}": value for pid, entry in opt_state["state"].items()
+                         for name, value in entry.items()}  # fmt: skip
     mid_epoch = position.samples_in_epoch > 0
     state = {
         "format_version": ckpt.FORMAT_VERSION,
@@ -143,10 +140,6 @@ def contents(
         "config": config.to_dict(),
         "scheduler": jsonable(parts.scheduler.state_dict()),
         "optimizer_param_groups": opt_state["param_groups"],
-        "optimizer_other_state": {
-            str(pid): {k: v for k, v in entry.items() if not isinstance(v, Tensor)}
-            for pid, entry in opt_state["state"].items()
-        },
         "epoch_lrs": stats.lrs if mid_epoch else [],
         "epoch_loss_curve": (
             stats.carry_curve + progress["epoch_stats"][:, :, 0].mean(dim=0).tolist() if mid_epoch else []
@@ -197,8 +190,6 @@ def restore(folder: Path, loaded: ckpt.CheckpointContents, parts: Parts, rank: i
             f"{folder / ckpt.MODEL_NAME} does not fit the model: {str(exc).strip().splitlines()[0]}"
         ) from None
     opt_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer_param_groups"]}
-    for pid, extra in state["optimizer_other_state"].items():
-        opt_state["state"][int(pid)] = dict(extra)
     for key, value in loaded.optimizer.items():
         _, pid, name = key.split(".", 2)
         opt_state["state"].setdefault(int(pid), {})[name] = value
