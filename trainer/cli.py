@@ -16,7 +16,8 @@ from trainer.errors import ConfigError, HelpFormatter, Parser, fail
 
 # Settings of where and how this command runs, never taken from a checkpoint on --resume (the
 # run folder is the checkpoint's own unless --run-name branches off; see parse_config).
-NOT_RESUMED = ("resume", "init_from", "cpu", "progress", "output_dir", "run_name", "mixed_precision", "threads")
+NOT_RESUMED = ("resume", "init_from", "cpu", "progress", "output_dir", "run_name", "mixed_precision", "threads",
+               "requeue_signal")  # fmt: skip
 GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "data": "data and evaluation", "infra": "infrastructure"}
 
 
@@ -31,7 +32,8 @@ def _flag_type(annotation: str) -> type:
 METAVARS = {
     "epochs": "N", "batch_size": "N", "lr": "LR", "momentum": "M", "seed": "N", "limit_train_batches": "N",
     "data_dir": "DIR", "eval_batch_size": "N", "limit_eval_batches": "N", "output_dir": "DIR", "run_name": "NAME",
-    "resume": "latest|PATH", "init_from": "PATH", "save_every": "N", "keep_last": "K", "log_with": "NAMES",
+    "resume": "latest|auto|PATH", "init_from": "PATH", "requeue_signal": "NAME", "save_every": "N",
+    "keep_last": "K", "log_with": "NAMES",
     "threads": "N",
     "model": "NAME|MODULE:FN", "dataset": "NAME|imagefolder:PATH", "image_size": "N|HxW", "num_workers": "N",
     "weight_decay": "W", "betas": "B1,B2", "warmup_steps": "N", "grad_accum": "K", "clip_grad_norm": "X",
@@ -83,6 +85,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     then the flags the user typed."""
     values = vars(build_parser().parse_args(argv))  # --help, --version and malformed values end here
     typed = vars(build_parser(typed_only=True).parse_args(argv))
+    if values["resume"] == "auto":  # a checkpoint to continue, or a fresh start (all processes agree)
+        from trainer.runtime import resume_auto
+
+        values["resume"] = typed["resume"] = resume_auto(Path(values["output_dir"]) / TrainConfig(**values).name)
     if values["resume"] is not None:
         from trainer import checkpoint as ckpt  # torch, after the flags were settled
 

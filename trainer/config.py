@@ -120,7 +120,12 @@ class TrainConfig:
         "machine, unless OMP_NUM_THREADS was set by you)",
         "infra",
     )
-    resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from", "infra")
+    resume: str | None = _opt(
+        None,
+        "'latest' or a checkpoint folder to continue from; 'auto': the run folder's newest intact checkpoint if it "
+        "has one, else a fresh start (what a requeued job runs)",
+        "infra",
+    )
     init_from: str | None = _opt(
         None,
         "start a new run from the weights of a checkpoint (folder, best link, run folder or model.safetensors), "
@@ -128,6 +133,12 @@ class TrainConfig:
         "infra",
     )
     save_every: int | None = _opt(None, "also save a checkpoint every N optimizer steps", "infra")
+    requeue_signal: str | None = _opt(
+        None,
+        "the signal on which the trainer saves, requeues its Slurm job and stops: USR1, USR2 or none "
+        "(default: USR1 inside a Slurm job, else none); pair it with sbatch --signal=USR1@120",
+        "infra",
+    )
     keep_last: int = _opt(3, "checkpoints kept per run besides the best one (at least 1)", "infra")
     log_with: str | None = _opt(
         None,
@@ -198,6 +209,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--optimizer is one of {', '.join(OPTIMIZERS)}, --schedule one of {', '.join(SCHEDULES)}"
             )
+        if self.requeue_signal is not None:
+            name = self.requeue_signal.upper().removeprefix("SIG")
+            if name not in ("USR1", "USR2", "NONE"):
+                raise ConfigError(f"--requeue-signal must be USR1, USR2 or none, got {self.requeue_signal!r}")
+            object.__setattr__(self, "requeue_signal", name.lower() if name == "NONE" else name)
         if self.init_from is not None and self.resume is not None:
             raise ConfigError(
                 "--init-from starts a new run from a checkpoint's weights, --resume continues one: pass one of them"

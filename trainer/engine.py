@@ -88,11 +88,15 @@ class Trainer:
             raise ConfigError(f"--dataset {CUSTOM_DATA} means data given in Python (Trainer(train_data=...))")
         # The CLI's flags, for the commands it prints; None in Python, where advice is in TrainConfig's terms.
         self.command_args = command_args
-        by_path = config.resume not in (None, "latest")
+        by_path = config.resume not in (None, "latest", "auto")
         resumed_run = str(ckpt.folder_of(config.resume).absolute().parent) if by_path else None
         self.config = config = config.placed(custom_data=train_data is not None, resumed_run=resumed_run)
         runtime.launcher_argv()  # noted now, while the launcher lives (for the printed resume command)
         self.accelerator = accelerator or runtime.make_accelerator(config)
+        if config.resume == "auto":  # the run folder's newest checkpoint if it has one, else a fresh start
+            auto = runtime.resume_auto(Path(config.output_dir) / config.name)
+            self.config = config = dataclasses.replace(config, resume=auto)
+        self.requeue_signal = runtime.requeue_signal(config.requeue_signal)
         self.threads: tuple[int, str] | None = None
         if self.accelerator.device.type == "cpu" or config.threads is not None:
             self.threads = runtime.cpu_threads(config.threads)
@@ -526,10 +530,15 @@ class Trainer:
         return signal.Signals(self.stop_signal).name
 
     def _stop(self) -> None:
-        """After the stop's checkpoint: says where it is and how to go on, then raises Stopped."""
+        """After the stop's checkpoint: says where it is and how to go on (on the requeue signal, the
+        main process requeues the Slurm job), then raises Stopped."""
         self.finished = True
         self._tell(f"stopped by {self._signal_name()}; checkpoint saved: {self._last_saved}")
-        self._tell(f"resume with: {self._how_to_resume()}")
+        if self.stop_signal == self.requeue_signal:
+            if self.accelerator.is_main_process:
+                self._tell(runtime.requeue_slurm_job())
+        else:
+            self._tell(f"resume with: {self._how_to_resume()}")
         raise Stopped(self.stop_signal, self._last_saved)
 
     def _how_to_resume(self) -> str:

@@ -17,6 +17,7 @@ from trainer.config import TrainConfig
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.jsonl"
+WANDB_ID_NAME = "wandb-run-id"
 NOTES_NAME = "run.log"  # how each run in the folder started and ended, with the command that resumes it
 
 
@@ -29,10 +30,30 @@ class RunLog:
         self.curves: list[dict[str, Any]] = []  # per epoch: the loss and LR of every step
 
     def start_trackers(self, config: TrainConfig) -> None:
-        if self.accelerator.log_with:
-            settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                        for k, v in config.to_dict().items() if v is not None}  # fmt: skip
-            self.accelerator.init_trackers(config.name, config=settings)
+        """The trackers continue the run where they can: TensorBoard writes into the run folder's
+        trackers/ again, and W&B is given the run id kept there (a resumed or requeued job logs to
+        the same W&B run)."""
+        if not self.accelerator.log_with:
+            return
+        settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                    for k, v in config.to_dict().items() if v is not None}  # fmt: skip
+        init_kwargs = {}
+        if any(str(getattr(t, "value", t)) in ("wandb", "all") for t in self.accelerator.log_with):
+            init_kwargs["wandb"] = {"id": self._wandb_id(), "resume": "allow"}
+        self.accelerator.init_trackers(config.name, config=settings, init_kwargs=init_kwargs)
+
+    def _wandb_id(self) -> str:
+        """The W&B run id of this run folder, made once and kept in trackers/wandb-run-id."""
+        import secrets
+
+        path = self.run_dir / "trackers" / WANDB_ID_NAME
+        if path.is_file():
+            return path.read_text().strip()
+        run_id = secrets.token_hex(8)
+        if self.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(run_id + "\n")
+        return run_id
 
     def finish_trackers(self) -> None:
         # Not accelerator.end_training(): it also destroys the process group, which the caller may still use.

@@ -172,6 +172,54 @@ def agree(error: Exception | None, what: str) -> None:
         raise PeerError(f"process {names} could not {what} (its message says why); stopping all processes")
 
 
+def resume_auto(run_dir: Path) -> str | None:
+    """--resume auto: "latest" when the run folder holds an intact checkpoint, else None (a fresh
+    start). The main process looks; with several, the others take its answer."""
+    from trainer import checkpoint as ckpt
+
+    found = ckpt.find_latest(run_dir) is not None if _state_main() else False
+    if world_size() > 1 and _state().num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        found = broadcast_object_list([found])[0]
+    return "latest" if found else None
+
+
+def _state_main() -> bool:
+    return world_size() == 1 or _state().is_main_process
+
+
+def slurm_job() -> str | None:
+    """This process's Slurm job as `scontrol requeue` names it (an array task as JOB_TASK), or None."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_signal(configured: str | None) -> int | None:
+    """The signal that saves, requeues and stops: the configured one, else USR1 inside a Slurm job
+    (submitit and Lightning use USR1 or USR2 for the same reason: SIGTERM keeps its meaning)."""
+    name = configured or ("USR1" if slurm_job() else "none")
+    return None if name == "none" else int(getattr(signal, f"SIG{name}"))
+
+
+def requeue_slurm_job() -> str:
+    """Asks Slurm to requeue this job (once, from one process); one line that says how it went."""
+    import subprocess
+
+    job = slurm_job()
+    if job is None:
+        return "not a Slurm job: nothing to requeue; start the same command again to continue"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"could not requeue Slurm job {job} ({exc}); the checkpoint is saved: submit the script again"
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines()[:1] or [f"exit {done.returncode}"]
+        return f"could not requeue Slurm job {job} ({reason[0]}); the checkpoint is saved: submit the script again"
+    return f"requeued Slurm job {job}: when it starts again, --resume auto continues from this checkpoint"
+
+
 def resolve_checkpoint(resume: str, run_dir: Path, warn: Callable[[str], None] = lambda _: None) -> Path:
     """The verified checkpoint folder that `--resume` names: 'latest' in `run_dir`, or a path."""
     from trainer import checkpoint as ckpt
@@ -406,7 +454,7 @@ class StopSignals:
         self._previous_fd = -1
 
     def __enter__(self) -> StopSignals:
-        for sig in STOP_SIGNALS:
+        for sig in (*STOP_SIGNALS, *([self.owner.requeue_signal] if self.owner.requeue_signal else [])):
             self.previous[sig] = signal.signal(sig, self._handle)
         reader, writer = socket.socketpair()
         reader.setblocking(False)

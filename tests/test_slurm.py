@@ -1,0 +1,249 @@
+"""On a real Slurm (slurmctld, slurmd and munged from Debian's slurm-wlm and munge, started here on
+localhost): the repository's CPU batch script, preempted mid-epoch and warned before its time
+limit, requeues itself and ends bitwise equal to an unbroken run, every step trained once.
+
+Skipped where Slurm is not installed, unless TRAINER_REQUIRE_SLURM=1 (CI sets it): then a Slurm
+that cannot start fails the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, cli_env, fork_trainer, free_port, wait_for
+from test_resume import assert_same_run
+
+SCRIPT = REPO / "launch_configs" / "slurm" / "cpu.sbatch"
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    """A one-node Slurm cluster of this machine, in its own folder, ports and munge socket; the
+    environment its commands need."""
+    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
+    if missing:
+        if os.environ.get("TRAINER_REQUIRE_SLURM") == "1":
+            pytest.fail(
+                f"Slurm is required here but {', '.join(missing)} are missing (apt-get install slurm-wlm munge)"
+            )
+        pytest.skip(f"no Slurm here ({', '.join(missing)} missing)")
+    root = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool", "log"):
+        (root / sub).mkdir()
+    (root / "munge.key").write_bytes(os.urandom(1024))
+    (root / "munge.key").chmod(0o400)
+    node = socket.gethostname().split(".")[0]
+    conf = root / "slurm.conf"
+    conf.write_text(f"""ClusterName=trainertest
+SlurmctldHost={node}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.sock
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+MinJobAge=600
+KillWait=10
+NodeName={node} CPUs={os.cpu_count()} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+""")
+    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"/usr/sbin:{os.environ.get('PATH', '')}"}
+    munge = ["munged", f"--socket={root}/munge.sock", f"--key-file={root}/munge.key", f"--pid-file={root}/munged.pid",
+             f"--log-file={root}/log/munged.log", f"--seed-file={root}/munge.seed", "--force"]  # fmt: skip
+    try:
+        for cmd in (munge, ["slurmctld"], ["slurmd", "-N", node]):
+            subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=60)
+        wait_for(lambda: "idle" in run(["sinfo", "-h", "-o", "%T"], env), timeout=60)
+    except (subprocess.SubprocessError, OSError, TimeoutError) as exc:
+        logs = "".join(p.read_text()[-1500:] for p in (root / "log").glob("*.log"))
+        stop(root, env)
+        pytest.fail(f"Slurm did not start ({exc}): {logs}")
+    yield env
+    stop(root, env)
+
+
+def run(cmd: list[str], env: dict[str, str]) -> str:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout
+
+
+def stop(root: Path, env: dict[str, str]) -> None:
+    subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=60)
+    for name in ("slurmd", "slurmctld", "munged"):
+        pid = root / f"{name}.pid"
+        if pid.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid.read_text().split()[0]), signal.SIGTERM)
+
+
+def submit(slurm: dict[str, str], out: Path, tiny_data: Path, *sbatch: str, stall_at: int = 15) -> str:
+    """The repository's CPU batch script: 2 tasks (standing in for 2 nodes), 3 epochs of 12 steps on
+    the tiny data, stalling in step `stall_at` until the test says go (its first start only)."""
+    env = {**cli_env(), **slurm, "PYTHON": shutil.which("python") or "python3", "PYTHONPATH": str(REPO / "tests"),
+           "STALL_AT_STEP": str(stall_at), "STALL_DIR": str(out)}  # fmt: skip
+    args = ["--data-dir", str(tiny_data), "--output-dir", str(out), "--batch-size", "64", "--epochs", "3",
+            "--progress", "plain", "--model", "stall:blog_resnet"]  # fmt: skip
+    cmd = ["sbatch", "--parsable", f"--output={out}/slurm-%j.out", *sbatch, str(SCRIPT), *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def output(out: Path, job: str) -> str:
+    """The job's output file (stdout and stderr of every start), or "" before it exists."""
+    log = out / f"slurm-{job}.out"
+    return log.read_text() if log.exists() else ""
+
+
+def job_state(slurm: dict[str, str], job: str) -> str:
+    return run(["squeue", "-h", "-j", job, "-o", "%T"], slurm).strip()
+
+
+def finish_after_the_requeue(slurm: dict[str, str], job: str, out: Path) -> dict[str, float]:
+    """Waits for the requeue; cuts Slurm's 2-minute hold of requeued jobs short (as an admin can);
+    waits for the job to finish. Returns when each thing happened."""
+    wait_for(lambda: "requeued Slurm job" in output(out, job), timeout=300)
+    requeued = time.monotonic()
+    wait_for(lambda: job_state(slurm, job) == "PENDING", timeout=120)
+    run(["scontrol", "update", f"JobId={job}", "StartTime=now"], slurm)
+    wait_for(lambda: "resumed from" in output(out, job), timeout=300)
+    resumed = time.monotonic()
+    wait_for(lambda: job_state(slurm, job) == "" and "done: 3 epochs" in output(out, job), timeout=300)
+    return {"requeued": requeued, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def unbroken(tiny_data, tmp_path_factory) -> Path:
+    """The same run, never stopped: 2 processes, without Slurm."""
+    out = tmp_path_factory.mktemp("unbroken-slurm")
+    args = ["--data-dir", str(tiny_data), "--output-dir", str(out), "--batch-size", "64", "--epochs", "3",
+            "--progress", "plain"]  # fmt: skip
+    assert fork_trainer(args, nproc=2).returncode == 0
+    return out / "mnist"
+
+
+def check_continued(run: Path, unbroken: Path, log: str) -> None:
+    assert_same_run(unbroken, run)  # bitwise: weights, metrics, every step's loss and LR
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [12, 24, 36] and all(r["train_samples"] == 1536 for r in rows)
+    assert log.count("stopped by SIGUSR1; checkpoint saved") == 1 and log.count("requeued Slurm job") == 1
+
+
+@pytest.mark.slow
+def test_a_preempted_job_requeues_itself_and_ends_as_an_unbroken_run(slurm, tiny_data, tmp_path, unbroken):
+    job = submit(slurm, tmp_path, tiny_data)
+    wait_for(lambda: (tmp_path / "reached").exists(), timeout=300)  # in step 15 (epoch 2)
+    signalled = time.monotonic()
+    run(["scancel", "--signal=USR1", job], slurm)  # what a preemption's grace signal does
+    wait_for(lambda: "SIGUSR1 received" in output(tmp_path, job), timeout=120)
+    (tmp_path / "go").touch()
+    wait_for(lambda: "stopped by SIGUSR1; checkpoint saved" in output(tmp_path, job), timeout=300)
+    saved = time.monotonic()
+    times = finish_after_the_requeue(slurm, job, tmp_path)
+    print(f"USR1 to checkpoint on disk: {saved - signalled:.1f} s (the step 15 stall and 5 more steps included); "
+          f"to the requeue: {times['requeued'] - signalled:.1f} s; requeued job resumed "
+          f"{times['resumed'] - times['requeued']:.1f} s after the requeue (Slurm's 120 s hold cut short)")  # fmt: skip
+    text = output(tmp_path, job)
+    check_continued(tmp_path / "mnist", unbroken, text)
+    checkpoint = re.search(r"checkpoint saved: (\S+)", text).group(1)
+    assert 15 <= int(checkpoint[-7:]) < 24 and f"resumed from {checkpoint}" in text  # mid-epoch 2, agreed
+
+
+@pytest.mark.slow
+def test_the_time_limit_warning_requeues_and_the_job_goes_on(slurm, tiny_data, tmp_path, unbroken):
+    """--time=1 with --signal=USR1@50: Slurm warns about 10 s in (at its next 30 s check)."""
+    job = submit(slurm, tmp_path, tiny_data, "--time=1", "--signal=USR1@50", stall_at=15)
+    wait_for(lambda: "SIGUSR1 received" in output(tmp_path, job), timeout=120)
+    (tmp_path / "go").touch()
+    finish_after_the_requeue(slurm, job, tmp_path)
+    check_continued(tmp_path / "mnist", unbroken, output(tmp_path, job))
+
+
+def test_the_batch_scripts_ask_for_the_warning_signal_and_continue_where_they_were():
+    """The GPU scripts cannot run here: they are checked for what they must hold."""
+    for script in sorted((REPO / "launch_configs" / "slurm").glob("*.sbatch")):
+        text = script.read_text()
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script.name
+        assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text, script.name
+        assert "--requeue-signal USR1 --resume auto" in text, script.name
+        assert ("torch.distributed.run" not in text) or 'trap "" USR1' in text, script.name  # torchrun ignores it
+
+
+def test_a_requeue_that_fails_is_one_line_and_the_checkpoint_stays(run_main, tiny_data, tmp_path, monkeypatch):
+    from conftest import tiny_args
+
+    from trainer import checkpoint as ckpt
+    from trainer import engine
+
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'scontrol: error: Invalid job id specified' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # inside a Slurm job: USR1 is the requeue signal by default
+    real_input, calls = engine.model_input, []
+
+    def usr1_on_the_fifth_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_input(*a, **kw)
+
+    monkeypatch.setattr(engine, "model_input", usr1_on_the_fifth_step)
+    result = run_main(tiny_args(tiny_data, tmp_path, "--epochs", "2"))
+    assert result.returncode == 128 + signal.SIGUSR1
+    assert (
+        "could not requeue Slurm job 4242 (scontrol: error: Invalid job id specified); the checkpoint is "
+        "saved: submit the script again" in result.stdout
+    )
+    assert ckpt.step_of(ckpt.find_latest(tmp_path / "mnist")) == 5
+
+
+def test_resume_auto_starts_fresh_then_continues_and_a_finished_run_stays_finished(run_main, tiny_data, tmp_path):
+    from conftest import tiny_args
+
+    args = [*tiny_args(tiny_data, tmp_path, "--epochs", "1", "--limit-train-batches", "2"), "--resume", "auto"]
+    first = run_main(args)
+    assert first.returncode == 0 and "resumed from" not in first.stdout, first.stderr
+    again = run_main(args)
+    assert again.returncode == 0 and "run already complete (1 epoch)" in again.stdout
+
+
+def test_a_wandb_run_keeps_its_id_across_requeues(tmp_path):
+    """accelerate is given the run folder's W&B id each time (wandb itself is not installed here)."""
+    from trainer.config import TrainConfig
+    from trainer.runlog import RunLog
+
+    class Accelerator:
+        log_with, is_main_process, calls = ["wandb"], True, []
+
+        def init_trackers(self, name, config, init_kwargs):
+            self.calls.append(init_kwargs)
+
+    acc = Accelerator()
+    for _ in range(2):  # the first start, then the requeued job
+        RunLog(acc, tmp_path / "run").start_trackers(TrainConfig())
+    first, second = (call["wandb"] for call in acc.calls)
+    assert first == second and first["resume"] == "allow" and len(first["id"]) == 16
