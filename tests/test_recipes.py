@@ -189,3 +189,16 @@ def test_augmentation_shifts_and_flips_each_sample_as_drawn():
 def test_a_bad_knob_is_one_line(run_main, tiny_data, tmp_path, flags, fragment):
     result = run_main(tiny_args(tiny_data, tmp_path, *flags))
     assert result.returncode == 2 and fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_ema_decay_warms_up_so_the_average_forgets_the_initial_weights():
+    from trainer.recipe import new_ema
+
+    model = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(model.weight)
+    ema = new_ema(model, decay=0.999)
+    torch.nn.init.ones_(model.weight)
+    for _ in range(20):
+        ema.update_parameters(model)
+    # With a constant 0.999 the average would still be 98% the zeros it started from.
+    assert ema.module.weight.min() > 0.6

@@ -68,10 +68,22 @@ def rescaled_schedule(old: Any, optimizer: torch.optim.Optimizer, config: TrainC
 
 # ---------------------------------------------------------------- EMA
 def new_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """torch's exponential moving average of the weights and the buffers (BatchNorm's statistics)."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    """torch's AveragedModel of the weights and the buffers (BatchNorm's statistics), as an
+    exponential moving average whose decay warms up: min(decay, (1 + n) / (10 + n)) after n
+    updates, as TensorFlow's ExponentialMovingAverage does with its step count. With a constant
+    0.999, 1,170 steps (the blog's 10 epochs) leave 31% of the average on the random initial
+    weights: measured here, 11% to 31% accuracy where the trained weights had 99%."""
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], updates: Tensor) -> None:
+        weight = 1.0 - torch.clamp((1.0 + updates) / (10.0 + updates), max=decay)  # on the device: no sync
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, weight.to(averaged[0].dtype))
+        else:  # BatchNorm's num_batches_tracked: the latest count
+            torch._foreach_copy_(averaged, current)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 # ---------------------------------------------------------------- augmentation
