@@ -289,7 +289,7 @@ def test_help_shows_each_default_once_and_names_arguments(run_main):
     assert "the dataset name) (default" not in out  # a help text that names its default keeps it alone
     for generated in ("RESUME", "EVERY", "LAST", "WITH", "BATCHES"):
         assert generated not in out, generated
-    assert "--resume latest|PATH" in out and "--save-every N" in out and "--log-with NAMES" in out
+    assert "--resume latest|auto|PATH" in out and "--save-every N" in out and "--log-with NAMES" in out
     version = subprocess.run([sys.executable, "-m", "trainer", "--version"], capture_output=True, text=True,
                              cwd=REPO, env=cli_env())  # fmt: skip
     assert version.returncode == 0 and version.stdout.startswith("trainer 0.")

@@ -247,3 +247,30 @@ def test_a_wandb_run_keeps_its_id_across_requeues(tmp_path):
         RunLog(acc, tmp_path / "run").start_trackers(TrainConfig())
     first, second = (call["wandb"] for call in acc.calls)
     assert first == second and first["resume"] == "allow" and len(first["id"]) == 16
+
+
+def test_a_warning_during_start_up_stops_after_the_first_step(run_main, tiny_data, tmp_path, monkeypatch):
+    """The time-limit warning can come while Python imports torch or reads the data: noted from the
+    CLI's first line (its default action would end the process), it stops the run after a step."""
+    from conftest import tiny_args
+
+    from trainer import checkpoint as ckpt
+    from trainer import runtime
+
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        runtime.catch_early_warnings()
+        os.kill(os.getpid(), signal.SIGUSR1)  # before the trainer exists
+        result = run_main(tiny_args(tiny_data, tmp_path, "--epochs", "2"))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert result.returncode == 128 + signal.SIGUSR1, result.stderr
+    assert "requeued Slurm job 77" in result.stdout
+    assert ckpt.step_of(ckpt.find_latest(tmp_path / "mnist")) == 1

@@ -13,6 +13,7 @@ from typing import Any
 
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, HelpFormatter, Parser, fail
+from trainer.runtime import catch_early_warnings
 
 # Settings of where and how this command runs, never taken from a checkpoint on --resume (the
 # run folder is the checkpoint's own unless --run-name branches off; see parse_config).
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_entry() -> None:
     """Entry point of `trainer` and `python -m trainer`."""
+    catch_early_warnings()
     try:
         code = main()
     except KeyboardInterrupt:  # before training began (torch's import takes seconds): nothing to save

@@ -203,6 +203,24 @@ def requeue_signal(configured: str | None) -> int | None:
     return None if name == "none" else int(getattr(signal, f"SIG{name}"))
 
 
+# A Slurm warning signal that came while the process was starting (imports, data, set-up), kept
+# for the training loop; its default action would have ended the process without a word.
+_early_signal: int | None = None
+
+
+def catch_early_warnings() -> None:
+    """Inside a Slurm job, from the first line of the CLI: USR1 and USR2 are noted, not fatal,
+    until the training loop installs its own handlers (a time-limit warning can come at any time)."""
+
+    def note(signum: int, frame: Any) -> None:
+        global _early_signal
+        _early_signal = signum
+
+    if slurm_job() is not None:
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, note)
+
+
 def requeue_slurm_job() -> str:
     """Asks Slurm to requeue this job (once, from one process); one line that says how it went."""
     import subprocess
@@ -454,8 +472,13 @@ class StopSignals:
         self._previous_fd = -1
 
     def __enter__(self) -> StopSignals:
+        global _early_signal
         for sig in (*STOP_SIGNALS, *([self.owner.requeue_signal] if self.owner.requeue_signal else [])):
             self.previous[sig] = signal.signal(sig, self._handle)
+        if _early_signal is not None:  # a warning during start-up: the first step is the one to stop after
+            early, _early_signal = _early_signal, None
+            if early == self.owner.requeue_signal:
+                self._handle(early, None)
         reader, writer = socket.socketpair()
         reader.setblocking(False)
         writer.setblocking(False)
