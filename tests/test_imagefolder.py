@@ -353,6 +353,30 @@ def test_folder_edges_hidden_files_subfolders_and_16_bit(tmp_path):
     assert int(wide.max()) == 254 and int(wide.min()) == 0  # PIL's own "L" conversion gives 255 for 99.6%
 
 
+def test_a_cache_that_cannot_be_written_is_said_and_a_single_class_is_refused(tmp_path):
+    """The data folder's imagefolder/ is taken by a file: each run decodes, says the cache was not
+    written and why, and leaves nothing behind. One class folder is no classifier: one line."""
+    import shutil
+
+    from trainer.errors import DataError
+    from trainer.imagefolder import load_image_folder
+
+    root = write_folder(tmp_path / "fruit", (16, 16), rgb=False)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "imagefolder").write_text("a file where the cache folder goes")
+    for _ in range(2):
+        said: list[str] = []
+        load_image_folder(root, tmp_path / "data", None, say=said.append)
+        assert len(said) == 1 and "decoded" in said[0] and "cached in" not in said[0], said
+        assert f"not cached (cannot write in {tmp_path / 'data' / 'imagefolder'}: " in said[0]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["imagefolder"]
+    for name in CLASSES[1:]:
+        shutil.rmtree(root / "train" / name)
+        shutil.rmtree(root / "test" / name)
+    with pytest.raises(DataError, match=f"one class folder \\({CLASSES[0]}\\); a classifier needs at least two"):
+        load_image_folder(root, tmp_path / "data", None, say=print)
+
+
 def test_the_run_folder_is_the_image_folders_own_name_even_for_dot(tmp_path, monkeypatch):
     from trainer.config import TrainConfig
 

@@ -10,8 +10,8 @@ from conftest import TINY_TEST, reset_accelerate
 from PIL import Image, ImageDraw
 
 from trainer import predict
-from trainer.data import load_split, to_model_input
-from trainer.evaluate import load_model
+from trainer.data import load_split, model_input
+from trainer.evaluation import load_model
 
 N = 20  # test digits to predict
 
@@ -52,7 +52,7 @@ def test_png_digits_get_the_models_class_in_every_variant(tiny_run, digits, tmp_
     images, labels = digits
     model = load_model(tiny_run / "best").model
     with torch.no_grad():
-        expected = model(to_model_input(images)).softmax(dim=1)  # the path evaluation takes
+        expected = model(model_input(images)).softmax(dim=1)  # the path evaluation takes
     assert (expected.argmax(1) == labels).float().mean() >= 0.7  # the briefly trained model mostly knows them
 
     paths = save_variants(images, tmp_path)
@@ -87,6 +87,24 @@ def test_unreadable_images_are_named_and_the_others_still_predicted(tiny_run, di
     assert predict.main(argv) == 2
     shown = capsys.readouterr().out
     assert "0_grey.png" in shown and "1_grey.png" in shown and "corrupt" not in shown
+
+
+def test_a_folder_stands_for_its_images(tiny_run, digits, tmp_path, capsys):
+    """Its images in name order (hidden files, other files and subfolders left out), beside files
+    named one by one; a folder without images is one line and exit code 2."""
+    files = save_variants(digits[0][:3], tmp_path / "scans")["grey"]
+    (tmp_path / "scans" / "notes.txt").write_text("not an image")
+    (tmp_path / "scans" / ".hidden.png").write_bytes(b"not even a PNG")
+    (tmp_path / "scans" / "sub").mkdir()
+    Image.open(files[0]).save(tmp_path / "scans" / "sub" / "deeper.png")
+    (tmp_path / "empty").mkdir()
+    folder = tmp_path / "scans"
+    code, results, err = run_json(capsys, [str(tiny_run / "best"), files[2], str(folder), str(tmp_path / "empty")])
+    assert code == 2
+    in_folder = sorted(str(folder / f"{i}_{kind}.png") for i in range(3) for kind in ("grey", "inverted", "rgb"))
+    assert [r["image"] for r in results] == [files[2], *in_folder]
+    assert err.splitlines() == [f"trainer: error: {tmp_path / 'empty'}: no images in the folder "
+                                f"({' '.join(predict.IMAGE_SUFFIXES)})"]  # fmt: skip
 
 
 def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import fork_processes, fork_trainer, main_in_process, reset_accelerate, tiny_args
+from PIL import Image
 from safetensors.torch import load_file
 from test_library import BATCH, N_EVAL, config, make_mlp, vectors
 from test_resume import assert_same_run, branch
 
-from trainer import Trainer, evaluate
+from trainer import Trainer, evaluate, predict
 from trainer import checkpoint as ckpt
+from trainer.data import load_split
 from trainer.recipe import augment
 
 EVERY_KNOB = ["--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0.05", "--betas", "0.9,0.99",
@@ -84,7 +86,7 @@ def test_the_knobs_are_recorded_and_checked_on_resume(run_main, every_knob_1proc
     assert changed.returncode == 2 and "grad_accum=2, this run has grad_accum=1" in changed.stderr
 
 
-def test_evaluate_uses_the_ema_weights_and_says_so(every_knob_1proc, tiny_data, capsys):
+def test_evaluate_and_predict_use_the_ema_weights_and_say_so(every_knob_1proc, tiny_data, tmp_path, capsys):
     reset_accelerate()
     assert evaluate.main([str(every_knob_1proc), "--data-dir", str(tiny_data), "--cpu", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -93,6 +95,11 @@ def test_evaluate_uses_the_ema_weights_and_says_so(every_knob_1proc, tiny_data, 
     reset_accelerate()
     assert evaluate.main([str(every_knob_1proc), "--data-dir", str(tiny_data), "--cpu"]) == 0
     assert "its EMA weights" in capsys.readouterr().out
+    reset_accelerate()
+    digit = tmp_path / "digit.png"
+    Image.fromarray(load_split("mnist", tiny_data, train=False).images[0].numpy()).save(digit)
+    assert predict.main([str(every_knob_1proc), str(digit), "--cpu"]) == 0
+    assert "its EMA weights" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_the_cosine_schedule_warms_up_and_ends_on_the_last_step(every_knob_1proc):

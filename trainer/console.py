@@ -64,6 +64,15 @@ def _cells(record: dict[str, Any], columns: tuple[tuple[str, str | None, str | N
     return cells
 
 
+def table_console() -> tuple[Console, dict[str, Any]]:
+    """A console for a command's tables, and the Table options that suit it: rich's boxes on a
+    terminal; plain columns on whole lines in a log file or a pipe (read by people and scripts)."""
+    console = Console(highlight=False)
+    if console.is_terminal:
+        return console, {}
+    return Console(highlight=False, width=10_000), {"box": None, "show_edge": False}
+
+
 class Reporter:
     """Console output of one process; silent unless `enabled` (the main process)."""
 

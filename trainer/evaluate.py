@@ -13,9 +13,11 @@ import argparse
 from typing import Any
 
 import torch
+from rich.table import Table
 
 from trainer import checkpoint as ckpt
 from trainer.config import PRECISIONS, ConfigError, TrainConfig
+from trainer.console import table_console
 from trainer.data import input_shape_of, make_loader
 from trainer.errors import HelpFormatter, Parser, add_json_flag, fail, write_json
 from trainer.evaluation import (
@@ -58,16 +60,9 @@ def report(result: EvalResult, loaded: LoadedModel, **extra: Any) -> dict[str, A
     }
 
 
-def print_report(summary: dict[str, Any], console: Any = None) -> None:
+def print_report(summary: dict[str, Any]) -> None:
     """The summary line, the per-class table and the confusion matrix, as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=10_000)
-    # Boxes on a terminal; plain columns in a log file or a pipe, as the trainer prints.
-    box = {} if console.is_terminal else {"box": None, "show_edge": False}
+    console, box = table_console()
     names = summary["class_names"]
     # MNIST's names are its digits; other data sets' names are worth a column.
     named = names != [str(k) for k in range(len(names))]

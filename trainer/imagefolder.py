@@ -9,6 +9,8 @@ from any folder, reads it instead of decoding, and a changed image is decoded ag
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -42,33 +44,41 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
     return size  # type: ignore[return-value]
 
 
-def _opened(file: str | os.PathLike) -> Any:
-    """PIL's image of `file` (a context manager); whatever PIL refuses is a one-line DataError."""
+@contextmanager
+def opened_image(file: str | os.PathLike) -> Iterator[Any]:
+    """PIL's image of `file`, open for the block. Whatever PIL refuses, on opening or while the block
+    decodes (unidentifiable, truncated, corrupt, a decompression bomb), is a one-line DataError."""
     from PIL import Image
 
     try:
-        return Image.open(file)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        with Image.open(file) as image:
+            yield image
+    except FileNotFoundError:
+        raise DataError(f"{file}: no such file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # OSError: folders too
         raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+
+
+def eight_bit(image: Any) -> Any:
+    """A PIL image with 16-bit grey (I;16, I) scaled to 8-bit "L" (PIL's own conversion clips it at
+    255); other modes as they are."""
+    import numpy as np
+    from PIL import Image
+
+    if not image.mode.startswith("I"):
+        return image
+    wide = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+    return Image.fromarray(wide.round().clip(0, 255).astype(np.uint8), mode="L")
 
 
 def decode_image(file: str | os.PathLike, grey: bool, size: tuple[int, int]) -> Tensor:
     """An image file as uint8 [H, W] (grey) or [3, H, W], resized to `size` (H, W) if it differs.
-    Training, evaluate and predict all decode through here, so the model sees the same pixels.
-    16-bit grey images are scaled to 8 bits (PIL's own conversion would clip them at 255)."""
+    Training, evaluate and predict all decode through here, so the model sees the same pixels."""
     import numpy as np
     from PIL import Image
 
-    with _opened(file) as opened:
-        try:
-            if opened.mode.startswith("I"):  # I;16 and friends: 0-65535
-                wide = np.asarray(opened, dtype=np.float64) * (255.0 / 65535.0)
-                image = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8), mode="L")
-                image = image if grey else image.convert("RGB")
-            else:
-                image = opened.convert("L" if grey else "RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise DataError(f"{file}: cannot read the image ({first_line(exc)})") from None
+    with opened_image(file) as opened:
+        image = eight_bit(opened).convert("L" if grey else "RGB")
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
@@ -121,6 +131,8 @@ def load_image_folder(
 
     train_dir, test_dir = image_folder_splits(root)
     classes, train_files = _image_files(train_dir, None)
+    if len(classes) < 2:
+        raise DataError(f"{train_dir}: one class folder ({classes[0]}); a classifier needs at least two")
     _, test_files = _image_files(test_dir, classes)
     key = hashlib.sha256(f"{IMAGE_CACHE_VERSION} {image_size} {classes}".encode())
     for split, files in (("train", train_files), ("test", test_files)):
@@ -149,19 +161,20 @@ def load_image_folder(
             pass
     grey, size = True, image_size or _size_of(train_files[0][0])
     for file, _ in (*train_files, *test_files):  # headers only: cheap
-        with _opened(file) as opened:
+        with opened_image(file) as opened:
             grey = grey and (opened.mode in GREY_MODES or (opened.mode == "P" and grey_palette(opened)))
     splits = []
     for files in (train_files, test_files):
         images = torch.stack([decode_image(f, grey, size) for f, _ in files])
         splits.append((images, torch.tensor([k for _, k in files], dtype=torch.int64)))
-    _write_cache(cache, splits, root)
-    say(f"images: decoded {count} from {root} ({'grey' if grey else 'RGB'}, {size[0]}x{size[1]}), cached in {cache}")
+    problem = _write_cache(cache, splits, root)
+    kept = f"not cached ({problem}: the next run decodes again)" if problem else f"cached in {cache}"
+    say(f"images: decoded {count} from {root} ({'grey' if grey else 'RGB'}, {size[0]}x{size[1]}), {kept}")
     return splits[0], splits[1], tuple(classes), key.hexdigest()
 
 
 def _size_of(file: Path) -> tuple[int, int]:
-    with _opened(file) as opened:
+    with opened_image(file) as opened:
         return opened.size[1], opened.size[0]
 
 
@@ -171,16 +184,21 @@ def grey_palette(image: Any) -> bool:
     return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
-def _write_cache(cache: Path, splits: list[tuple[Tensor, Tensor]], root: Path) -> None:
-    """Atomically (a temporary file, then a rename); a cache that cannot be written is only skipped."""
+def _write_cache(cache: Path, splits: list[tuple[Tensor, Tensor]], root: Path) -> str | None:
+    """Atomically (a temporary file, then a rename). A cache that cannot be written is skipped:
+    returns why, in a few words, or None when it was written."""
     from safetensors.torch import save_file
 
     tensors = {"train_images": splits[0][0], "train_labels": splits[0][1],
                "test_images": splits[1][0], "test_labels": splits[1][1]}  # fmt: skip
+    partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"source": str(root)})
         os.replace(partial, cache)
-    except Exception:  # noqa: BLE001 (safetensors reports a full disk as its own error type)
-        Path(partial).unlink(missing_ok=True) if "partial" in locals() else None
+        return None
+    except Exception as exc:  # noqa: BLE001 (safetensors reports a full disk as its own error type)
+        with suppress(OSError):  # its folder may be what failed
+            partial.unlink()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        return f"cannot write in {cache.parent}: {reason}"

@@ -15,208 +15,118 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+from rich.table import Table
 from torch import Tensor
 
 from trainer.checkpoint import CheckpointError
 from trainer.config import CUSTOM_DATA, ConfigError
+from trainer.console import table_console
 from trainer.data import DATASET_INFO
-from trainer.errors import first_line
-from trainer.imagefolder import grey_palette
+from trainer.errors import DataError, HelpFormatter, Parser, add_json_flag, fail, write_json
+from trainer.evaluation import load_model, model_input
+from trainer.imagefolder import IMAGE_SUFFIXES, decode_image, eight_bit, grey_palette, opened_image
 
 # MNIST's recipe: the digit fits in a BOX x BOX square, centred by mass in the SIZE x SIZE image.
 SIZE, BOX = 28, 20
+# Photos are worked on at most this size (a digit needs no more); ink must differ from the paper by
+# MIN_CONTRAST (of 255) or the page is empty.
+WORK_SIZE, MIN_CONTRAST = 256, 24.0
 
 
 class ImageError(Exception):
     """An image that cannot be read: reported in one line; the other images are still predicted."""
 
 
-def read_image(path: str | os.PathLike) -> Tensor:
-    """An image file as float32 on the 0-255 scale: [H, W] when it is grey, [H, W, 3] in colour
-    (transparency composited on white paper)."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)  # photos from phones are stored rotated
-            if image.mode.startswith("I"):  # 16-bit grey PNGs open as I;16 or I, on a 0-65535 scale
-                pixels = np.asarray(image, dtype=np.float32) * (255.0 / 65535.0)
-            else:
-                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                    # Drawing programs save ink on a transparent background: put it on paper.
-                    rgba = image.convert("RGBA")
-                    image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-                grey = image.mode in ("1", "L", "LA") or (image.mode == "P" and grey_palette(image))
-                pixels = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # OSError covers unidentifiable, truncated and unreadable files (and folders).
-        raise ImageError(f"{path}: cannot read the image ({first_line(exc)})") from None
-    return torch.from_numpy(np.array(pixels, dtype=np.float32))
-
-
-def luminance(image: Tensor) -> Tensor:
-    """[H, W, 3] -> [H, W] grey exactly as PIL's "L" conversion makes it (ITU-R 601 weights in
-    16-bit fixed point, rounded); grey stays as it is."""
-    if image.dim() == 2:
-        return image
-    weights = torch.tensor([19595, 38470, 7471], dtype=torch.int64)
-    return ((image.round().to(torch.int64) @ weights + 0x8000) >> 16).float()
-
-
-def _border(grey: Tensor) -> Tensor:
-    """The pixels of the outer ring (about 1/28 of the image wide): mostly background."""
-    w = max(1, round(min(grey.shape) / SIZE))
-    return torch.cat([grey[:w].flatten(), grey[-w:].flatten(), grey[:, :w].flatten(), grey[:, -w:].flatten()])
-
-
-# Photographs are worked on at most this size: a digit needs no more, and the filters stay cheap.
-WORK_SIZE = 256
-# Ink must stand out from the paper by at least this much (of 255) after flat-fielding, or the page is empty.
-MIN_CONTRAST = 40.0
-
-
 class EmptyImage(ImageError):
     """No ink stands out from the background: reported, never guessed."""
 
 
-def _filter(image: Tensor, *filters: Any) -> Tensor:
-    """PIL's filters (min, max, median, blur) on a float [H, W] image on the 0-255 scale."""
-    import numpy as np
-    from PIL import Image
-
-    picture = Image.fromarray(image.clamp(0, 255).round().to(torch.uint8).numpy(), mode="L")
-    for f in filters:
-        picture = picture.filter(f)
-    return torch.from_numpy(np.asarray(picture, dtype=np.float32).copy())
-
-
-def _otsu(values: Tensor) -> float:
-    """Otsu's threshold of values on the 0-255 scale: the split that best separates two classes."""
-    hist = torch.histc(values, bins=256, min=0, max=255).double()
-    levels = torch.arange(256, dtype=torch.float64)
-    weight = hist.cumsum(0)
-    mass = (hist * levels).cumsum(0)
-    total, total_mass = weight[-1], mass[-1]
-    between = (total_mass * weight / total - mass) ** 2 / (weight * (total - weight)).clamp(min=1e-9)
-    return float(between[:-1].argmax())
-
-
-def _background(pixels: Tensor) -> Tensor:
-    """The paper under the ink: a smooth surface (quadratic in x and y, per channel) fitted to the
-    pixels that are not ink, found by refitting without the pixels far from the last fit.
-
-    pixels: [H, W, C] -> [H, W, C]. Lighting gradients and vignetting are smooth; ink is not."""
-    height, width, channels = pixels.shape
-    y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-    terms = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], dim=-1).double()  # [H, W, 6]
-    stride = max(1, round((height * width / 16384) ** 0.5))  # fit on about 16k pixels
-    a = terms[::stride, ::stride].reshape(-1, terms.shape[-1])
-    b = pixels[::stride, ::stride].reshape(-1, channels).double()
-    keep = torch.ones(len(a), dtype=torch.bool)
-    for _ in range(5):
-        coefficients = torch.linalg.lstsq(a[keep], b[keep]).solution
-        distance = (b - a @ coefficients).norm(dim=1)
-        keep = distance <= 3 * distance[keep].median() + 1.0
-    return (terms @ coefficients).float()
+def read_image(path: str | os.PathLike) -> Tensor:
+    """An image file as float32 on the 0-255 scale: [H, W] when it is grey, [H, W, 3] in colour
+    (transparency composited on white paper)."""
+    try:
+        with opened_image(path) as opened:
+            image = eight_bit(ImageOps.exif_transpose(opened))  # photos from phones are stored rotated
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # ink on nothing: put it on paper
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+            grey = image.mode in ("1", "L", "LA") or (image.mode == "P" and grey_palette(image))
+            return torch.from_numpy(np.array(image.convert("L" if grey else "RGB"), dtype=np.float32))
+    except DataError as exc:
+        raise ImageError(str(exc)) from None
 
 
 def ink_of(image: Tensor, invert: str = "auto") -> Tensor:
-    """A photograph or scan ([H, W] grey or [H, W, C] colour, 0-255, any size) -> the ink's
-    strength, bright on black.
+    """A photo or scan ([H, W] or [H, W, C], 0-255, any size) -> the ink, 0-255, bright on black.
 
-    The paper (with its lighting gradient) is fitted as a smooth surface and taken away; what is
-    left differs from the paper along one colour direction (the ink's colour minus the paper's),
-    in either sense, so ink that is darker than the paper on one side and lighter on the other, or
-    that differs only in hue, still stands out. Sensor noise is smoothed by a median filter;
-    Otsu's threshold on what is left separates ink from paper. `invert` "yes" / "no" keeps only
-    ink darker / lighter than the paper.
+    The paper is a smooth surface (quadratic in x and y per channel: a lighting gradient) fitted
+    to the pixels near the frame's colour, then near the fit: ink covering much of the picture
+    cannot pull it, as it pulls a fit to every pixel. Each pixel is read as a mix of paper and ink,
+    so ink darker, lighter, of another hue, or darker on one side and lighter on the other, counts
+    (`invert` "yes" / "no": only darker / lighter). Pixels more ink than paper are kept.
     """
-    import torch.nn.functional as F  # noqa: N812
-    from PIL import ImageFilter
-
-    if image.dim() == 2:
-        image = image[..., None]
-    height, width = image.shape[:2]
-    scale = min(1.0, WORK_SIZE / max(height, width))
-    if scale < 1.0:
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="area")[0].permute(1, 2, 0)
-    paper = _background(image)
-    distance = (image - paper).norm(dim=-1)
-    sample = distance.flatten()[:: max(1, distance.numel() // 65536)]
-    noise = sample.median().item()  # most of the picture is paper
-    far = distance > 5 * noise + 1  # ink, and the rare noise that strays so far
-    if far.sum() < 16 or torch.quantile(distance[far], 0.9) < MIN_CONTRAST:
-        raise EmptyImage("no digit found: nothing stands out from the background")
-    # Each pixel is paper and ink mixed, image = paper * (1 - a) + ink * a: solve for a, the ink's
-    # coverage, by projecting onto paper - ink. Where the two are alike the projection says little,
-    # so it is damped by the noise there instead of amplifying it.
-    ink_colour = image[far].median(dim=0).values
-    towards = paper - ink_colour
-    coverage = ((paper - image) * towards).sum(-1) / (towards.square().sum(-1) + (3 * noise) ** 2)
-    weights = torch.tensor([0.299, 0.587, 0.114]) if image.shape[-1] == 3 else torch.ones(1)
-    darker = (towards * weights).sum(-1) > 0  # where the ink is darker than the paper
+    image = image[..., None] if image.dim() == 2 else image
+    if max(image.shape[:2]) > WORK_SIZE:
+        scale = WORK_SIZE / max(image.shape[:2])
+        image = F.interpolate(image.permute(2, 0, 1)[None], scale_factor=scale, mode="area")[0].permute(1, 2, 0)
+    y, x = torch.meshgrid(*(torch.linspace(-1, 1, n) for n in image.shape[:2]), indexing="ij")
+    terms = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], dim=-1)
+    step = max(1, round((x.numel() / 16384) ** 0.5))  # the fit needs no more than about 16k pixels
+    sample, at = image[::step, ::step], terms[::step, ::step]
+    near = torch.ones(sample.shape[:2], dtype=torch.bool)
+    near[1:-1, 1:-1] = False  # the frame: mostly paper
+    paper = sample[near].median(dim=0).values
+    for _ in range(3):
+        distance = (sample - paper).square().mean(-1).sqrt()  # 0-255 in grey and colour alike
+        noise = distance[near].median()
+        near = distance <= 3 * noise + 8  # paper, and its noise
+        fit = torch.linalg.lstsq(at[near], sample[near]).solution
+        paper = at @ fit
+    paper = terms @ fit
+    distance = (image - paper).square().mean(-1).sqrt()
+    towards = image[distance >= (3 * noise + 8).clamp(max=distance.max())].median(dim=0).values - paper
+    # The ink's share of each pixel, damped where ink and paper differ by no more than the noise.
+    coverage = ((image - paper) * towards).mean(-1) / (towards.square().mean(-1) + (3 * noise) ** 2 + 1)
     if invert != "auto":
-        coverage = torch.where(darker == (invert == "yes"), coverage, torch.zeros_like(coverage))
-    strength = coverage.clamp(0, 1) * 255
-    ink = _filter(strength, ImageFilter.MedianFilter(3))
-    peak = torch.quantile(ink.flatten(), 0.999).item()
-    threshold = max(_otsu(ink), peak * 0.25)
-    ink = torch.where(ink > threshold, ink, torch.zeros_like(ink))
-    # Specks of noise that passed the threshold: an opening (min then max filter) removes them from the mask.
-    mask = _filter((ink > 0).float() * 255, ImageFilter.MinFilter(3), ImageFilter.MaxFilter(3)) > 0
-    if mask.sum() < 4:
+        coverage = torch.where((towards.mean(-1) < 0) == (invert == "yes"), coverage, 0)
+    strength = Image.fromarray((coverage.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    ink = torch.from_numpy(np.array(strength.filter(ImageFilter.MedianFilter(3)), dtype=np.float32))  # no specks
+    if (ink > 127).sum() < 16 or torch.quantile(distance[ink > 127], 0.9) < MIN_CONTRAST:
         raise EmptyImage("no digit found: nothing stands out from the background")
-    return ink * mask
+    return torch.where(ink > 127, ink, 0)
 
 
 def to_mnist(image: Tensor, invert: str = "auto") -> Tensor:
     """An image ([H, W] grey or [H, W, 3], 0-255) -> 28x28 in MNIST's format: white ink on black, centred.
 
-    `invert`: "auto" decides whether the ink is darker than the paper, "yes" / "no" force it.
+    `invert`: "auto" takes ink of either sense, "yes" / "no" only ink darker / lighter than the paper.
     A 28x28 image is taken as a scan in MNIST's own format (only inverted when its border is light).
     """
     if tuple(image.shape[:2]) == (SIZE, SIZE):  # already the input format: exactly what evaluation sees
-        grey = luminance(image)
-        if invert == "yes" or (invert == "auto" and _border(grey).mean() > 127.5):
-            grey = 255.0 - grey
-        return grey
+        grey = (image @ torch.tensor([0.299, 0.587, 0.114])).round() if image.dim() == 3 else image
+        light = torch.cat([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).mean() > 127.5
+        return 255.0 - grey if invert == "yes" or (invert == "auto" and light) else grey
     ink = ink_of(image, invert)
-    rows = (ink > 0).any(dim=1).nonzero().flatten()
-    cols = (ink > 0).any(dim=0).nonzero().flatten()
+    rows, cols = ink.any(dim=1).nonzero().flatten(), ink.any(dim=0).nonzero().flatten()
     ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    strong = ink[ink > 0]
-    ink = (ink * (255.0 / torch.quantile(strong, 0.9).clamp(min=1.0))).clamp(0, 255)  # strokes reach full white
-    height, width = ink.shape
-    scale = BOX / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    digit = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
-    digit = digit.clamp(0, 255)
-    # Paste so that the centre of mass lands on the image centre (13.5, 13.5), staying inside the frame.
-    total = digit.sum().clamp(min=1e-6)
-    cy = (digit.sum(dim=1) * torch.arange(size[0])).sum() / total
-    cx = (digit.sum(dim=0) * torch.arange(size[1])).sum() / total
-    top = min(max(round((SIZE - 1) / 2 - cy.item()), 0), SIZE - size[0])
-    left = min(max(round((SIZE - 1) / 2 - cx.item()), 0), SIZE - size[1])
-    out = torch.zeros(SIZE, SIZE)
-    out[top : top + size[0], left : left + size[1]] = digit
-    return out
+    size = [max(1, round(n * BOX / max(ink.shape))) for n in ink.shape]
+    digit = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(0, 255)
+    # Pad to 28x28 so that the centre of mass lands on the centre (13.5, 13.5), inside the frame.
+    mass = digit / digit.sum()
+    cy, cx = ((mass.sum(dim) * torch.arange(n)).sum().item() for dim, n in ((1, size[0]), (0, size[1])))
+    top = min(max(round((SIZE - 1) / 2 - cy), 0), SIZE - size[0])
+    left = min(max(round((SIZE - 1) / 2 - cx), 0), SIZE - size[1])
+    return F.pad(digit, (left, SIZE - size[1] - left, top, SIZE - size[0] - top))
 
 
 def save_input(image: Tensor, folder: str | os.PathLike, source: str | os.PathLike) -> None:
     """Writes the model's input for `source` as a PNG in `folder` (grey, or RGB for [3, H, W])."""
-    from pathlib import Path
-
-    from PIL import Image
-
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         pixels = image.float().clamp(0, 255).round().to(torch.uint8)
@@ -238,23 +148,24 @@ def load_image(path: str | os.PathLike, invert: str = "auto") -> Tensor:
 @torch.no_grad()
 def predict(loaded: Any, pixels: Tensor, device: str | torch.device = "cpu") -> Tensor:
     """Class probabilities [B, classes] for images [B, H, W] or [B, C, H, W] (0-255 scale) from a `LoadedModel`."""
-    from trainer.evaluation import model_input
-
     model = loaded.model.to(device).eval()
     logits = model(model_input(pixels.to(device), loaded.normalization)).float()
     return logits.softmax(dim=1).cpu()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m trainer.predict",
         description="Classify images (PNG, JPEG, ... of any size) with a checkpoint's model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("checkpoint", help="a checkpoint folder (step_*), a run's `best` link or a model.safetensors")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint folder (step_*), a `best` link, a model.safetensors, a run folder (its best)"
+    )
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files, or folders of them (not their subfolders)"
+    )
     parser.add_argument("--top-k", type=int, default=1, metavar="K", help="also show the K most likely classes")
-
     parser.add_argument(
         "--invert",
         choices=("auto", "yes", "no"),
@@ -272,16 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-inputs", metavar="DIR", default=None,
         help="also write the image the model sees for each input, as DIR/<name>.png (to see what went wrong)",
     )  # fmt: skip
-    from trainer.errors import add_json_flag
-
     add_json_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Predicts every readable image; returns 2 if any image or the checkpoint could not be read."""
-    from trainer.errors import fail
-    from trainer.evaluation import load_model
+    from accelerate import PartialState  # the device every command picks: a GPU or MPS unless --cpu
 
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
@@ -290,15 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.checkpoint, args.model)
     except (CheckpointError, ConfigError) as exc:
         return fail(str(exc))
-    device = _device(args.cpu)
     digits = loaded.dataset in DATASET_INFO  # MNIST and its siblings: ink on paper, made as MNIST was
     if loaded.dataset == CUSTOM_DATA:
         return fail(f"{loaded.path} was trained on data given in Python: predict with the model there")
     if digits and tuple(loaded.input_shape) != (1, SIZE, SIZE):
         return fail(f"{loaded.path}: input shape {loaded.input_shape} is not MNIST's (1, 28, 28)")
     paths, images, failed = [], [], 0
-    for path in args.images:
+    for path in image_files(args.images):
         try:
+            if os.path.isdir(path):  # a folder image_files found no image in
+                raise ImageError(f"{path}: no images in the folder ({' '.join(IMAGE_SUFFIXES)})")
             images.append(load_image(path, args.invert) if digits else _picture(path, loaded.input_shape))
             paths.append(path)
             if args.save_inputs:
@@ -308,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
     results = []
     if images:
-        probabilities = predict(loaded, torch.stack(images), device)
+        probabilities = predict(loaded, torch.stack(images), PartialState(cpu=args.cpu).device)
         k = min(args.top_k, len(loaded.class_names))
         # A stable sort breaks ties (the blog's net ends in a ReLU: all-zero logits happen) towards the
         # lower class, as argmax does in evaluation; topk's order among equals is unspecified.
@@ -316,51 +225,47 @@ def main(argv: list[str] | None = None) -> int:
         for path, ps, ks in zip(paths, top_p.tolist(), top_i.tolist()):
             top = [{"class": c, "name": loaded.class_names[c], "probability": p} for p, c in zip(ps, ks)]
             results.append({"image": str(path), **top[0], "top_k": top})
-    from trainer.errors import write_json
-
     if results and args.json != "-":
-        _print_table(results, args.top_k > 1, loaded.class_names)
+        _print_table(results, args.top_k > 1, loaded)
     if args.json is not None and write_json(results, args.json):
         failed += 1
     return 2 if failed else 0
 
 
+def image_files(names: list[str]) -> list[str]:
+    """The files named, a folder standing for the images in it (by name; hidden files and
+    subfolders left out). An empty folder is an ImageError when its turn comes."""
+    files: list[str] = []
+    for name in names:
+        if not os.path.isdir(name):
+            files.append(name)
+            continue
+        found = sorted(
+            str(f) for f in Path(name).iterdir()
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+        )  # fmt: skip
+        files.extend(found or [name])  # a folder without images: reported in its turn
+    return files
+
+
 def _picture(path: str, input_shape: tuple[int, ...]) -> Tensor:
     """An image for a model trained on an image folder: decoded as its training images were."""
-    from trainer.errors import DataError
-    from trainer.imagefolder import decode_image
-
-    if not os.path.exists(path):
-        raise ImageError(f"{path}: no such file")
     try:
         return decode_image(path, grey=input_shape[0] == 1, size=(input_shape[1], input_shape[2]))
     except DataError as exc:
         raise ImageError(str(exc)) from None
 
 
-def _device(cpu: bool) -> torch.device:
-    """The convention of every command: a GPU (or Apple's MPS) when there is one, unless --cpu."""
-    if not cpu and torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if not cpu and mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _print_table(results: list[dict[str, Any]], show_top: bool, class_names: tuple[str, ...]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    named = list(class_names) != [str(k) for k in range(len(class_names))]
+def _print_table(results: list[dict[str, Any]], show_top: bool, loaded: Any) -> None:
+    names = list(loaded.class_names)
+    named = names != [str(k) for k in range(len(names))]
 
     def label(entry: dict[str, Any]) -> str:
         return f"{entry['class']} {entry['name']}" if named else str(entry["class"])
 
-    console = Console(highlight=False)
-    if not console.is_terminal:  # plain columns, whole paths: a log or a pipe is read by people and scripts
-        console = Console(highlight=False, width=10_000)
-    table = Table(**({} if console.is_terminal else {"box": None, "show_edge": False}))
+    console, box = table_console()
+    title = f"{loaded.path}: its EMA weights (trained with --ema)" if loaded.weights == "EMA" else None
+    table = Table(title=title, title_justify="left", **box)
     table.add_column("image", overflow="fold")
     table.add_column("class")
     table.add_column("probability", justify="right")
