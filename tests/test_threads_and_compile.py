@@ -53,28 +53,34 @@ def test_the_trainer_sets_and_shows_its_threads(run_main, tiny_data, tmp_path):
         torch.set_num_threads(before)
 
 
+MODEL = "helpers.models:small_cnn"
+
+
 @pytest.fixture(scope="module")
 def compiled_run(tiny_data, tmp_path_factory):
-    """2 epochs of 6 steps with --compile (inductor on the CPU), a checkpoint every 4 steps."""
+    """2 epochs of 6 steps with --compile (inductor on the CPU), a checkpoint every 4 steps; a small
+    network of the blog's kinds of layer (its compilation takes seconds, the blog's half a minute)."""
     out = tmp_path_factory.mktemp("compiled")
     args = tiny_args(tiny_data, out, "--epochs", "2", "--limit-train-batches", "6", "--save-every", "4",
-                     "--keep-last", "100", "--compile")  # fmt: skip
+                     "--keep-last", "100", "--compile", "--model", MODEL)  # fmt: skip
     assert main_in_process(args) == 0
     return out / "mnist"
 
 
 @pytest.mark.slow
 def test_compiled_checkpoints_hold_the_plain_module_and_load_without_compile(compiled_run, tiny_data, tmp_path):
+    from helpers.models import small_cnn
+
     from trainer import evaluate
-    from trainer.model import blog_resnet
 
     weights = load_file(compiled_run / "step_0000012" / ckpt.MODEL_NAME)
-    assert set(weights) == set(blog_resnet().state_dict())  # no `_orig_mod.` prefix
+    assert set(weights) == set(small_cnn(10, 1).state_dict())  # no `_orig_mod.` prefix
     state = json.loads((compiled_run / "step_0000012" / ckpt.STATE_NAME).read_text())
     assert state["config"]["compile"] is True
     out = tmp_path / "eval.json"
     reset_accelerate()
-    assert evaluate.main([str(compiled_run / "best"), "--data-dir", str(tiny_data), "--json", str(out)]) == 0
+    assert evaluate.main([str(compiled_run / "best"), "--data-dir", str(tiny_data), "--json", str(out),
+                          "--model", MODEL]) == 0  # fmt: skip
     reset_accelerate()
     rows = [json.loads(line) for line in (compiled_run / "metrics.jsonl").read_text().splitlines()]
     best = max(rows, key=lambda r: r["valid_acc"])
@@ -92,8 +98,8 @@ def test_compiled_warmup_is_reported_apart(compiled_run):
 
 @pytest.mark.slow
 def test_compiled_resume_is_bitwise_equal_to_the_compiled_unbroken_run(run_main, compiled_run, tiny_data, tmp_path):
-    result = run_main(["--data-dir", str(tiny_data), "--progress", "plain", "--output-dir", str(tmp_path),
-                       "--run-name", "resumed", "--resume", str(compiled_run / "step_0000004")])  # fmt: skip
+    result = run_main(["--data-dir", str(tiny_data), "--progress", "plain", "--output-dir", str(tmp_path), "--model",
+                       MODEL, "--run-name", "resumed", "--resume", str(compiled_run / "step_0000004")])  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "compile: inductor (default)" in result.stdout
     a = load_file(compiled_run / "step_0000012" / ckpt.MODEL_NAME)

@@ -1,44 +1,42 @@
-"""Two machines for real: two torchrun agents (--nnodes 2, one process each) on 127.0.0.1."""
+"""Two machines for real: two torchrun agents (--nnodes 2, one process each) on 127.0.0.1: they
+train and exit soon after their last line, and refuse together a checkpoint one cannot see."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import REPO, cli_env, free_port, tiny_args
+from conftest import REPO, free_port, tiny_args
+from test_exit import run_timed
 
 
-def two_agents(args_of_node, timeout: float = 600) -> tuple[list[int], list[str], float]:
-    """Starts `torchrun --nnodes 2 --node_rank R -m trainer --cpu ARGS` for R = 0, 1; returns their
-    exit codes, their stderr and the seconds until both ended."""
+def two_agents(args_of_node, timeout: float = 600) -> tuple[list[int], list[str], list[float]]:
+    """Runs `torchrun --nnodes 2 --node_rank R -m trainer --cpu ARGS` for R = 0, 1 at once; returns
+    their exit codes, their output (stdout and stderr) and the seconds from each one's last line to
+    its exit."""
     port = str(free_port())
-    agents = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-               "-m", "trainer", "--cpu", *args_of_node(node)]  # fmt: skip
-        agents.append(subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
-    started = time.monotonic()
-    errors = []
-    try:
-        for agent in agents:
-            errors.append(agent.communicate(timeout=timeout)[1])
-    finally:
-        for agent in agents:
-            agent.kill()
-    return [a.returncode for a in agents], errors, time.monotonic() - started
+    commands = [
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+         "-m", "trainer", "--cpu", *args_of_node(node)]
+        for node in (0, 1)
+    ]  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        ended = list(pool.map(lambda cmd: run_timed(cmd, REPO, timeout), commands))
+    return [e[0] for e in ended], [e[1] for e in ended], [e[2] for e in ended]
 
 
 @pytest.mark.slow
 def test_two_torchrun_agents_train_then_refuse_a_checkpoint_one_machine_cannot_see(tiny_data, tmp_path):
     shared = tmp_path / "shared"
     recipe = ["--epochs", "1", "--limit-train-batches", "3"]
-    codes, errors, _ = two_agents(lambda node: tiny_args(tiny_data, shared, *recipe))
-    assert codes == [0, 0], errors
+    codes, outputs, after_last_line = two_agents(lambda node: tiny_args(tiny_data, shared, *recipe))
+    assert codes == [0, 0], outputs
+    assert not any("terminate called" in o or "Traceback" in o for o in outputs), outputs
+    assert max(after_last_line) < 30, f"{after_last_line} s from the last line to the exit"  # no hang in teardown
     rows = [json.loads(line) for line in (shared / "mnist" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["num_processes"] == 2 and rows[0]["valid_seen"] == 1001
 
@@ -46,8 +44,9 @@ def test_two_torchrun_agents_train_then_refuse_a_checkpoint_one_machine_cannot_s
         out = shared if node == 0 else tmp_path / "local1"
         return tiny_args(tiny_data, out, *recipe, "--resume", "latest")
 
-    codes, errors, seconds = two_agents(resume)
-    print(f"both agents ended {seconds:.1f} s after they started")  # the process group's timeout is 30 min
+    started = time.monotonic()
+    codes, errors, _ = two_agents(resume)  # the process group's timeout is 30 min: they must not wait for it
+    print(f"both agents ended {time.monotonic() - started:.1f} s after they started")
     # torchrun itself exits 1 when a worker fails (the worker's own code, 2, is in its report).
     assert codes == [1, 1], errors
     assert "trainer: error: process 1 could not read checkpoint step_0000003" in errors[0]
