@@ -1,6 +1,6 @@
 """On a real Slurm (slurmctld, slurmd and munged from Debian's slurm-wlm and munge, started here on
-localhost): the repository's CPU batch script, preempted mid-epoch and warned before its time
-limit, requeues itself and ends bitwise equal to an unbroken run, every step trained once.
+localhost): the repository's CPU batch script, preempted mid-epoch, then warned before its time
+limit, requeues itself each time and ends bitwise equal to an unbroken run, every step trained once.
 
 Skipped where Slurm is not installed, unless TRAINER_REQUIRE_SLURM=1 (CI sets it): then a Slurm
 that cannot start fails the tests."""
@@ -100,11 +100,12 @@ def stop(root: Path, env: dict[str, str]) -> None:
                 os.kill(int(pid.read_text().split()[0]), signal.SIGTERM)
 
 
-def submit(slurm: dict[str, str], out: Path, tiny_data: Path, *sbatch: str, stall_at: int = 15) -> str:
+def submit(slurm: dict[str, str], out: Path, tiny_data: Path, *sbatch: str, stall_at: str) -> str:
     """The repository's CPU batch script: 2 tasks (standing in for 2 nodes), 3 epochs of 12 steps on
-    the tiny data, stalling in step `stall_at` until the test says go (its first start only)."""
+    the tiny data, stalling in the step `stall_at` lists for each start (counted from the start: see
+    tests/stall.py) until the test says go."""
     env = {**cli_env(), **slurm, "PYTHON": shutil.which("python") or "python3", "PYTHONPATH": str(REPO / "tests"),
-           "STALL_AT_STEP": str(stall_at), "STALL_DIR": str(out)}  # fmt: skip
+           "STALL_AT_STEP": stall_at, "STALL_DIR": str(out)}  # fmt: skip
     args = ["--data-dir", str(tiny_data), "--output-dir", str(out), "--batch-size", "64", "--epochs", "3",
             "--progress", "plain", "--model", "stall:blog_resnet"]  # fmt: skip
     cmd = ["sbatch", "--parsable", f"--output={out}/slurm-%j.out", *sbatch, str(SCRIPT), *args]
@@ -121,17 +122,13 @@ def job_state(slurm: dict[str, str], job: str) -> str:
     return run(["squeue", "-h", "-j", job, "-o", "%T"], slurm).strip()
 
 
-def finish_after_the_requeue(slurm: dict[str, str], job: str, out: Path) -> dict[str, float]:
-    """Waits for the requeue; cuts Slurm's 2-minute hold of requeued jobs short (as an admin can);
-    waits for the job to finish. Returns when each thing happened."""
-    wait_for(lambda: "requeued Slurm job" in output(out, job), timeout=300)
-    requeued = time.monotonic()
+def release_the_requeued(slurm: dict[str, str], job: str, out: Path, times: int, *update: str) -> None:
+    """Waits for the job's `times`-th requeue and starts it again at once, cutting Slurm's 2-minute
+    hold of requeued jobs short (as an admin can), with `update` (scontrol's KEY=VALUE)."""
+    wait_for(lambda: output(out, job).count("requeued Slurm job") == times, timeout=300)
     wait_for(lambda: job_state(slurm, job) == "PENDING", timeout=120)
-    run(["scontrol", "update", f"JobId={job}", "StartTime=now"], slurm)
-    wait_for(lambda: "resumed from" in output(out, job), timeout=300)
-    resumed = time.monotonic()
-    wait_for(lambda: job_state(slurm, job) == "" and "done: 3 epochs" in output(out, job), timeout=300)
-    return {"requeued": requeued, "resumed": resumed}
+    run(["scontrol", "update", f"JobId={job}", "StartTime=now", *update], slurm)
+    wait_for(lambda: output(out, job).count("resumed from") == times, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -144,41 +141,37 @@ def unbroken(tiny_data, tmp_path_factory) -> Path:
     return out / "mnist"
 
 
-def check_continued(run: Path, unbroken: Path, log: str) -> None:
-    assert_same_run(unbroken, run)  # bitwise: weights, metrics, every step's loss and LR
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [12, 24, 36] and all(r["train_samples"] == 1536 for r in rows)
-    assert log.count("stopped by SIGUSR1; checkpoint saved") == 1 and log.count("requeued Slurm job") == 1
-
-
 @pytest.mark.slow
-def test_a_preempted_job_requeues_itself_and_ends_as_an_unbroken_run(slurm, tiny_data, tmp_path, unbroken):
-    job = submit(slurm, tmp_path, tiny_data)
+def test_a_job_preempted_then_warned_of_its_time_limit_ends_as_an_unbroken_run(slurm, tiny_data, tmp_path, unbroken):
+    """Its first start is preempted in step 15 (scancel --signal=USR1: what a preemption's grace
+    signal does); its second is given a 1-minute time limit, which Slurm warns about (--signal=USR1@50)
+    while the job waits in its third step; the third start finishes. Each warning saves at an agreed step and
+    requeues the job; the run ends bitwise equal to one never stopped, every step trained once."""
+    job = submit(slurm, tmp_path, tiny_data, "--signal=USR1@50", stall_at="15,3")
     wait_for(lambda: (tmp_path / "reached").exists(), timeout=300)  # in step 15 (epoch 2)
     signalled = time.monotonic()
-    run(["scancel", "--signal=USR1", job], slurm)  # what a preemption's grace signal does
+    run(["scancel", "--signal=USR1", job], slurm)
     wait_for(lambda: "SIGUSR1 received" in output(tmp_path, job), timeout=120)
     (tmp_path / "go").touch()
     wait_for(lambda: "stopped by SIGUSR1; checkpoint saved" in output(tmp_path, job), timeout=300)
     saved = time.monotonic()
-    times = finish_after_the_requeue(slurm, job, tmp_path)
-    print(f"USR1 to checkpoint on disk: {saved - signalled:.1f} s (the step 15 stall and 5 more steps included); "
-          f"to the requeue: {times['requeued'] - signalled:.1f} s; requeued job resumed "
-          f"{times['resumed'] - times['requeued']:.1f} s after the requeue (Slurm's 120 s hold cut short)")  # fmt: skip
+    release_the_requeued(slurm, job, tmp_path, 1, "TimeLimit=1")
+    resumed = time.monotonic()
+    print(f"USR1 to checkpoint on disk: {saved - signalled:.1f} s (the stall in step 15 included); "
+          f"to the resumed job: {resumed - saved:.1f} s (Slurm's 120 s hold cut short)")  # fmt: skip
+    wait_for(lambda: output(tmp_path, job).count("SIGUSR1 received") == 2, timeout=180)  # Slurm's own warning
+    (tmp_path / "go-1").touch()
+    release_the_requeued(slurm, job, tmp_path, 2, "TimeLimit=UNLIMITED")
+    wait_for(lambda: job_state(slurm, job) == "" and "done: 3 epochs" in output(tmp_path, job), timeout=300)
     text = output(tmp_path, job)
-    check_continued(tmp_path / "mnist", unbroken, text)
-    checkpoint = re.search(r"checkpoint saved: (\S+)", text).group(1)
-    assert 15 <= int(checkpoint[-7:]) < 24 and f"resumed from {checkpoint}" in text  # mid-epoch 2, agreed
-
-
-@pytest.mark.slow
-def test_the_time_limit_warning_requeues_and_the_job_goes_on(slurm, tiny_data, tmp_path, unbroken):
-    """--time=1 with --signal=USR1@50: Slurm warns about 10 s in (at its next 30 s check)."""
-    job = submit(slurm, tmp_path, tiny_data, "--time=1", "--signal=USR1@50", stall_at=15)
-    wait_for(lambda: "SIGUSR1 received" in output(tmp_path, job), timeout=120)
-    (tmp_path / "go").touch()
-    finish_after_the_requeue(slurm, job, tmp_path)
-    check_continued(tmp_path / "mnist", unbroken, output(tmp_path, job))
+    run_folder = tmp_path / "mnist"
+    assert_same_run(unbroken, run_folder)  # bitwise: weights, metrics, every step's loss and LR
+    rows = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [12, 24, 36] and all(r["train_samples"] == 1536 for r in rows)
+    assert text.count("stopped by SIGUSR1; checkpoint saved") == 2 and text.count("requeued Slurm job") == 2
+    first, second = re.findall(r"checkpoint saved: (\S+)", text)
+    assert 15 <= int(first[-7:]) < 24 and f"resumed from {first}" in text  # mid-epoch 2, agreed
+    assert int(first[-7:]) < int(second[-7:]) < 36 and f"resumed from {second}" in text
 
 
 def test_the_batch_scripts_ask_for_the_warning_signal_and_continue_where_they_were():
