@@ -22,8 +22,8 @@ HARD = ("inverted56", "tight", "big", "small")  # for the old preprocessing
 
 
 @pytest.fixture(scope="module")
-def mnist_model(mnist_3_epochs):
-    return mnist_3_epochs / "best"
+def mnist_model(mnist_1_epoch):
+    return mnist_1_epoch / "best"
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_the_pictures_are_what_they_say(digits):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_3_epoch_model_reads_9_of_10_of_each_kind(mnist_model, digits, tmp_path, capsys, kind):
+def test_a_1_epoch_model_reads_9_of_10_of_each_kind(mnist_model, digits, tmp_path, capsys, kind):
     """Saved as JPEG and predicted through the command line. "twosided" asks 7 of 10: where the
     page is as grey as the ink, a band across the digit is invisible to anyone, and a digit lying
     mostly in it is reported as no digit (about 2 in 3 of the first 100 test digits are read)."""
