@@ -33,6 +33,20 @@ TINY_TRAIN = 1536
 TINY_TEST = 1001  # divides by no batch size or process count used in the tests
 
 
+# The files whose tests take longest (on the clock: the Slurm one mostly waits for Slurm) run
+# first, so that no worker is left alone with one of them at the end of the suite.
+SLOW_FILES = ("test_slurm.py", "test_benchmark.py", "test_threads_and_compile.py", "test_torchrun.py",
+              "test_checkpoint.py", "test_predict_photos.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 def write_idx(path: Path, array: torch.Tensor) -> None:
     """Writes a uint8 tensor in the IDX format MNIST uses (big-endian header, then bytes)."""
     array = array.to(torch.uint8).contiguous()

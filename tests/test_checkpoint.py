@@ -199,8 +199,9 @@ def test_sigkill_at_random_moments_never_breaks_resume(tiny_data, tmp_path):
     inside a save. Each time `--resume latest` carries on, and the run that finally completes
     equals one that was never interrupted, bitwise."""
     rng = random.Random(0)
-    # 240 tiny steps: each kill costs at most a handful, so 12 kills fit on any machine.
+    # 240 tiny steps of a small network: each kill costs at most a handful, so 12 kills fit on any machine.
     recipe = ["--epochs", "3", "--batch-size", "16", "--limit-train-batches", "80"]
+    recipe += ["--model", "helpers.models:small_cnn"]
     # The uninterrupted reference first: it also warms this process's kernel caches, which the
     # forked trainers inherit (a cold start costs each of them many seconds here).
     assert main_in_process(tiny_args(tiny_data, tmp_path / "ref", *recipe)) == 0

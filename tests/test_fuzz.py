@@ -21,7 +21,9 @@ from safetensors.torch import load_file, save_file
 from trainer import checkpoint as ckpt
 from trainer import evaluate
 
-MUTATIONS = 60  # about 11 s here: each is an evaluate and a resume of two steps on the tiny data
+MUTATIONS = 60  # each is an evaluate and a resume of two steps on the tiny data
+# A small network: the files and the checks are the same for any model, and each try costs less.
+MODEL = ["--model", "helpers.models:small_cnn"]
 ODD_VALUES = ["fast", -1, 10**12, 1.5, None, True, [], {}, [1, "x"], float("nan"), "", 2**63]
 
 
@@ -29,7 +31,7 @@ ODD_VALUES = ["fast", -1, 10**12, 1.5, None, True, [], {}, [1, "x"], float("nan"
 def source(tiny_data, tmp_path_factory) -> Path:
     """A mid-epoch checkpoint with every file (AdamW, EMA, clipping), two steps before its run's end."""
     out = tmp_path_factory.mktemp("fuzz-source")
-    args = tiny_args(tiny_data, out, "--epochs", "1", "--limit-train-batches", "4", "--save-every", "2",
+    args = tiny_args(tiny_data, out, "--epochs", "1", "--limit-train-batches", "4", "--save-every", "2", *MODEL,
                      "--optimizer", "adamw", "--lr", "0.01", "--ema", "0.9", "--clip-grad-norm", "1")  # fmt: skip
     assert main_in_process(args) == 0
     return out / "mnist" / "step_0000002"
@@ -164,11 +166,12 @@ def test_every_mutated_checkpoint_is_refused_in_one_line_or_used(source, tiny_da
         outside = tree(tmp_path, run)
         reset_accelerate()
         capsys.readouterr()
-        code = evaluate.main([str(folder), "--data-dir", str(tiny_data), "--cpu", "--json", str(run / "e.json")])
+        code = evaluate.main([str(folder), "--data-dir", str(tiny_data), "--cpu", "--json", str(run / "e.json"),
+                              *MODEL])  # fmt: skip
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.strip()]
         assert code in (0, 2) and len(lines) <= 1 and "Traceback" not in err, f"evaluate, {what}: {err}"
-        result = run_main(["--data-dir", str(tiny_data), "--progress", "plain", "--resume", str(folder)])
+        result = run_main(["--data-dir", str(tiny_data), "--progress", "plain", "--resume", str(folder), *MODEL])
         lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
         assert result.returncode in (0, 2, 3), f"resume, {what}: {result.stderr}"
         assert result.returncode == 0 or (len(lines) == 1 and lines[0].startswith("trainer: error:")), (
