@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    chosen = device_defaults(torch.device("cpu"), "no")
+    chosen = device_defaults(torch.device("cpu"))
     report = {
         "machine": {
             "cpu": cpu_description(),

@@ -58,9 +58,8 @@ def test_the_memory_format_follows_the_device_by_one_rule(tiny_data, tmp_path, m
     from trainer import runtime
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: ("GenuineIntel", flags))
-    for precision in ("no", "bf16"):
-        chosen = runtime.device_defaults(torch.device(device), precision)
-        assert chosen["channels_last"] is channels_last and chosen["why"]
+    chosen = runtime.device_defaults(torch.device(device))
+    assert chosen["channels_last"] is channels_last and chosen["why"]
     if device == "cpu":
         trainer = Trainer(tiny_config(tiny_data, tmp_path))
         conv = trainer.accelerator.unwrap_model(trainer.model)[1].conv1.weight
@@ -71,7 +70,7 @@ def test_the_memory_format_follows_the_device_by_one_rule(tiny_data, tmp_path, m
 def test_the_summary_says_which_memory_format_and_why(run_main, tiny_data, tmp_path):
     from trainer import runtime
 
-    expected = runtime.device_defaults(torch.device("cpu"), "no")
+    expected = runtime.device_defaults(torch.device("cpu"))
     args = ["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--epochs", "1", "--limit-train-batches",
             "1", "--progress", "plain"]  # fmt: skip
     result = run_main([*args, "--run-name", "auto"])

@@ -107,7 +107,7 @@ class Trainer:
         self.run_dir = Path(config.output_dir) / config.name
         self.num_processes = self.accelerator.num_processes
         # Memory format: the user's choice, else the device's rule (runtime.device_defaults), never a timing.
-        chosen = runtime.device_defaults(self.accelerator.device, self.accelerator.mixed_precision)
+        chosen = runtime.device_defaults(self.accelerator.device)
         if config.channels_last is not None:
             chosen = {"channels_last": config.channels_last, "why": "--channels-last" if config.channels_last
                       else "--no-channels-last"}  # fmt: skip

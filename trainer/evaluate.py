@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{loaded.dataset} images are {input_shape_of(split)}, the checkpoint expects {loaded.input_shape}"
         )
     # The device's memory format, as training chooses it by default.
-    channels_last = device_defaults(acc.device, acc.mixed_precision)["channels_last"]
+    channels_last = device_defaults(acc.device)["channels_last"]
     model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
     # Evaluation only: device placement and autocast, no DistributedDataParallel wrapper.
     model = acc.prepare_model(model, evaluation_mode=True)

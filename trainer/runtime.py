@@ -367,9 +367,10 @@ def cpu_description() -> str:
             f"model {fields.get('model', '?')}), {isa}")  # fmt: skip
 
 
-def device_defaults(device: Any, precision: str) -> dict[str, Any]:
+def device_defaults(device: Any) -> dict[str, Any]:
     """The settings chosen by what the device is, never by a timing taken at start-up (a run must
-    be reproducible on one machine), with the reason; the one place this rule lives.
+    be reproducible on one machine), with the reason; the one place this rule lives. The precision
+    does not change the answer: each format won in fp32 and bf16 alike where it was measured.
 
     Memory format, as measured (docs/performance.md): channels_last on CUDA (cuDNN's NHWC kernels);
     on CPUs with AVX-512, contiguous tensors, where oneDNN's blocked kernels ran the blog's narrow
