@@ -23,6 +23,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests: a small derandomized budget by default (CI), a deep random one with
+# TRAINER_HYPOTHESIS=deep; no example database is written into the checkout.
+_SETTINGS = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("ci", derandomize=True, print_blob=True, **_SETTINGS)
+settings.register_profile("deep", max_examples=1000, **_SETTINGS)
+DEEP = os.environ.get("TRAINER_HYPOTHESIS") == "deep"
+settings.load_profile("deep" if DEEP else "ci")
+
+
+def budget(examples: int) -> settings:
+    """A property test's settings: `examples` in CI, fifty times as many in a deep run."""
+    return settings(max_examples=examples * 50 if DEEP else examples)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

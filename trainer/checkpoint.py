@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +61,61 @@ def step_of(folder: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+# A manifest lists six files: far below this. state.json is read up to the size its manifest gives.
+MANIFEST_LIMIT = 1 << 20
+
+
+def open_regular(path: Path) -> int:
+    """A file descriptor for reading `path`, which must be a regular file itself: never a link
+    (out of the checkpoint's folder, to /dev/zero), a FIFO (which would block the open) or a device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except OSError as exc:
+        kind = "a link" if path.is_symlink() else "unreadable"
+        raise CheckpointError(f"{path} is {kind}, not a regular file ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path} is not a regular file")
+    return fd
+
+
+def read_bytes(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of the regular file `path`; a longer file is refused, never read whole."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path} is larger than the {limit} bytes expected")
+    return data
+
+
+def _sha256(path: Path, size: int) -> str:
+    """The sha256 of the regular file `path`, which must hold exactly `size` bytes."""
+    digest, seen = hashlib.sha256(), 0
+    with os.fdopen(open_regular(path), "rb") as f:
+        if os.fstat(f.fileno()).st_size != size:
+            raise CheckpointError(
+                f"{path} has {os.fstat(f.fileno()).st_size} bytes, the manifest says {size} (truncated?)"
+            )
+        while chunk := f.read(min(1 << 20, size + 1 - seen)):
+            seen += len(chunk)
             digest.update(chunk)
+        if seen != size:
+            raise CheckpointError(f"{path} changed while it was read ({seen} bytes, the manifest says {size})")
     return digest.hexdigest()
+
+
+def json_document(data: bytes) -> Any:
+    """JSON in which a key appears once per object (a repeated key would hide the first value)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        found = dict(items)
+        if len(found) != len(items):
+            raise ValueError(f"the key {next(k for i, (k, _) in enumerate(items) if k in dict(items[:i]))!r} repeats")
+        return found
+
+    return json.loads(data, object_pairs_hook=pairs)
 
 
 def _fsync_file(path: Path) -> None:
@@ -242,7 +292,8 @@ def save(
         files = {}
         for name in (*tensor_files, STATE_NAME):
             _fsync_file(tmp / name)
-            files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            size = (tmp / name).stat().st_size
+            files[name] = {"size": size, "sha256": _sha256(tmp / name, size)}
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -274,42 +325,47 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def verify(folder: Path) -> dict[str, Any]:
-    """Checks a checkpoint folder against its manifest; returns the manifest or raises CheckpointError."""
+    """Checks a checkpoint folder against its manifest; returns the manifest or raises CheckpointError.
+
+    The manifest lists exactly the files of a checkpoint (EMA's only with --ema), each a regular
+    file of the listed size and sha256; nothing else in the folder is ever read."""
     manifest_path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder")
-    if not manifest_path.is_file():
+    if not os.path.lexists(manifest_path):
         raise CheckpointError(f"{manifest_path} is missing: the save never completed")
+    data = read_bytes(manifest_path, MANIFEST_LIMIT)
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError, RecursionError):
-        raise CheckpointError(f"{manifest_path} is not a valid manifest (JSON)") from None
+        manifest = json_document(data)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{manifest_path} is not a valid manifest ({first_line(exc)})") from None
     check_manifest(folder, manifest)
     for name, expected in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing (listed in the manifest)")
-        size = path.stat().st_size
-        if size != expected["size"]:
-            raise CheckpointError(f"{path} has {size} bytes, the manifest says {expected['size']} (truncated?)")
-        if _sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"{path} fails its sha256 check (corrupted)")
+        if _sha256(folder / name, expected["size"]) != expected["sha256"]:
+            raise CheckpointError(f"{folder / name} fails its sha256 check (corrupted)")
     return manifest
 
 
-def read_state(folder: Path) -> dict[str, Any]:
-    """state.json of a verified checkpoint folder, checked against the schema."""
+def read_state(folder: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """state.json of a checkpoint folder (verified here unless its `manifest` is given), checked
+    against the schema; the manifest lists the EMA's weights exactly when the run has an EMA."""
+    manifest = verify(folder) if manifest is None else manifest
+    path = folder / STATE_NAME
     try:
-        state = json.loads((folder / STATE_NAME).read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"cannot read {folder / STATE_NAME}: {first_line(exc)}") from None
-    check_state(folder, state)
+        state = json_document(read_bytes(path, manifest["files"][STATE_NAME]["size"]))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"cannot read {path}: {first_line(exc)}") from None
+    config = check_state(folder, state)
+    if (EMA_NAME in manifest["files"]) != (config.ema is not None):
+        has = "lists" if EMA_NAME in manifest["files"] else "does not list"
+        raise CheckpointError(f"{folder / MANIFEST_NAME} {has} {EMA_NAME}, and the run has ema={config.ema}")
     return state
 
 
 def load(folder: Path) -> CheckpointContents:
     """Verifies and reads a checkpoint folder (safetensors and JSON only)."""
-    verify(folder)
+    manifest = verify(folder)
+    state = read_state(folder, manifest)
     try:
         with safe_open(folder / MODEL_NAME, framework="pt") as st:
             metadata = st.metadata() or {}
@@ -319,11 +375,11 @@ def load(folder: Path) -> CheckpointContents:
             optimizer=load_file(folder / OPTIMIZER_NAME),
             rng=load_file(folder / RNG_NAME),
             progress=load_file(folder / PROGRESS_NAME),
-            ema=load_file(folder / EMA_NAME) if (folder / EMA_NAME).is_file() else {},
-            state=read_state(folder),
+            ema=load_file(folder / EMA_NAME) if EMA_NAME in manifest["files"] else {},
+            state=state,
         )
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {folder}: {exc}") from None
+        raise CheckpointError(f"cannot read checkpoint {folder}: {first_line(exc)}") from None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

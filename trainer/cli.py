@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
+from trainer.config import MODEL_NAMES, TrainConfig
 from trainer.errors import ConfigError, HelpFormatter, Parser, fail
 from trainer.runtime import catch_early_warnings
 
@@ -96,6 +96,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         TrainConfig(**values)  # the typed flags are refused before a checkpoint is read
         state = _checkpoint_state(values)
         resumed = {k: v for k, v in state["config"].items() if k in values and k not in NOT_RESUMED}
+        if resumed["model"] not in MODEL_NAMES and "model" not in typed:  # a checkpoint never chooses code
+            raise ConfigError(
+                f"{values['resume']} was trained with --model {resumed['model']}: pass --model {resumed['model']} "
+                "again to resume it (code is never imported because a checkpoint names it)"
+            )
         values = values | resumed | typed
         if values["resume"] != "latest" and "output_dir" not in typed:
             # A branch (--run-name) goes beside the run it branches from; without --run-name the

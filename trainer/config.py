@@ -178,10 +178,12 @@ class TrainConfig:
             raise ConfigError(f"--num-workers must be at least 0, got {self.num_workers}")
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
-        if self.run_name is not None and not re.fullmatch(r"[^\W_][\w.-]*", self.run_name):
+        if self.run_name is not None and (
+            not self.run_name.isprintable() or "/" in self.run_name or self.run_name[:1] in ("", ".", "-")
+        ):
             raise ConfigError(
-                f"--run-name must start with a letter or digit and hold only letters, digits, '.', '_' and '-' "
-                f"(a folder name), got {self.run_name!r}"
+                f"--run-name must be a folder name: not empty, not starting with '.' or '-', without '/' or control "
+                f"characters, got {self.run_name!r}"
             )
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")

@@ -10,6 +10,7 @@ exact counts, the (seed, epoch) order and the elastic resume hold for both paths
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -185,9 +186,13 @@ def read_idx(path: Path, ndim: int) -> Tensor:
 def _download(dataset: str, data_dir: str | os.PathLike, folder: Path) -> None:
     import torchvision.datasets as tvd
 
+    made = [p for p in (Path(data_dir), folder.parent, folder) if not p.exists()]
     try:
         getattr(tvd, DATASET_INFO[dataset][0])(root=str(data_dir), train=True, download=True)
     except (RuntimeError, OSError) as exc:  # torchvision reports failed downloads as RuntimeError
+        for made_here in reversed(made):  # the folders torchvision made for nothing
+            with contextlib.suppress(OSError):
+                made_here.rmdir()  # only when empty
         missing = _missing_message(dataset, folder, IDX_FILES)
         raise DataError(f"{missing} (download failed: {first_line(exc)})") from None
 

@@ -790,6 +790,7 @@ class Trainer:
                 "kind": cfg.optimizer, "scheduler": self.scheduler.scheduler, "scaler": acc.scaler,
                 "world": self.num_processes}  # fmt: skip
         schema.check_tensors(folder, loaded, live, self.steps_per_epoch)  # before anything is restored
+        state.check_rng(folder, loaded.rng)
         chosen = cfg.mixed_precision is not None  # on the command line, not from accelerate's config
         state.check_precision(folder, saved["mixed_precision"], acc.mixed_precision, chosen, self.report.warn)
         self.position = state.restore(folder, loaded, self._parts(), acc.process_index)

@@ -47,8 +47,13 @@ def fail(message: str, code: int = 2, everywhere: bool = True) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0 or everywhere:
         prefix = f"[rank {rank}] " if rank else ""
-        print(f"trainer: error: {prefix}{message}", file=sys.stderr, flush=True)
+        print(f"trainer: error: {prefix}{one_line(message)}", file=sys.stderr, flush=True)
     return code
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: newlines and other control characters (in a path, say) escaped as Python writes them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Parser(argparse.ArgumentParser):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,30 +55,65 @@ class LoadedModel:
     step: int
     epoch: int
     weights: str = "trained"  # or "EMA": the checkpoint's exponential moving average (--ema)
+    state: dict[str, Any] | None = None  # its checkpoint's state.json, checked (None for bare weights)
 
 
-def model_file(checkpoint: str | os.PathLike) -> Path:
-    """The model.safetensors of a checkpoint folder, a `best` link or the file itself.
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a checkpoint (or a bare weights file) offers to rebuild its model from."""
 
-    A folder with a manifest is verified first (sizes and sha256 of every file), so a truncated
-    or corrupted checkpoint is refused with the reason instead of failing somewhere later.
-    """
+    model: Path  # model.safetensors, or the weights file the user named
+    manifest: dict[str, Any] | None  # the verified manifest of its checkpoint folder (None: bare weights)
+
+    @property
+    def ema(self) -> Path | None:
+        """The EMA's weights, when the checkpoint's manifest lists them (and so verified them)."""
+        listed = self.manifest is not None and ckpt.EMA_NAME in self.manifest["files"]
+        return self.model.parent / ckpt.EMA_NAME if listed else None
+
+    def state(self) -> dict[str, Any] | None:
+        """The checkpoint's state.json, checked against the schema (None for bare weights)."""
+        return ckpt.read_state(self.model.parent, self.manifest) if self.manifest is not None else None
+
+
+def model_file(checkpoint: str | os.PathLike) -> ModelFiles:
+    """The model.safetensors of a checkpoint folder, a run folder (its `best`), a `best` link, or
+    a weights file itself.
+
+    A folder with a manifest (in whatever form) is verified first: exactly the files a checkpoint
+    holds, each a regular file of the listed size and sha256. Only listed files are read after
+    that, and a weights file must be a regular file (a FIFO would block the read for ever)."""
     path = Path(checkpoint)
     if not path.exists():  # also a dangling `best` link
         raise ckpt.CheckpointError(f"{checkpoint}: no such checkpoint folder or file")
-    if path.is_dir() and not (path / ckpt.MODEL_NAME).exists() and (path / ckpt.BEST_LINK).exists():
+    if path.is_dir() and not os.path.lexists(path / ckpt.MODEL_NAME) and os.path.lexists(path / ckpt.BEST_LINK):
         path = path / ckpt.BEST_LINK  # a run folder: its best checkpoint
+        if not path.exists():
+            raise ckpt.CheckpointError(f"{path} points to a checkpoint that is gone")
     folder = path.resolve() if path.is_dir() else path.resolve().parent
-    if (path.is_dir() or path.name == ckpt.MODEL_NAME) and (folder / ckpt.MANIFEST_NAME).is_file():
-        ckpt.verify(folder)
-    if path.is_dir():
-        if not (folder / ckpt.MODEL_NAME).is_file():
+    manifest = None
+    if (path.is_dir() or path.name == ckpt.MODEL_NAME) and os.path.lexists(folder / ckpt.MANIFEST_NAME):
+        manifest = ckpt.verify(folder)
+    elif path.is_dir():
+        if not os.path.lexists(folder / ckpt.MODEL_NAME):
             raise ckpt.CheckpointError(
                 f"{checkpoint} holds no {ckpt.MODEL_NAME}: pass a checkpoint folder (step_*), a run's `best` "
                 f"link or a {ckpt.MODEL_NAME} file"
             )
-        return folder / ckpt.MODEL_NAME
-    return path
+        os.close(ckpt.open_regular(folder / ckpt.MODEL_NAME))  # inside a folder: no link, no FIFO
+    else:
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)  # a file the user named: a link to it is theirs
+        except OSError as exc:
+            raise ckpt.CheckpointError(f"{path}: {exc.strerror}") from None
+        if not regular:
+            raise ckpt.CheckpointError(f"{path} is not a regular file")
+    return ModelFiles(folder / ckpt.MODEL_NAME if path.is_dir() else path.resolve(), manifest)
+
+
+# Values per input of a model rebuilt from a checkpoint's metadata, at most: a 3 x 2,364 x 2,364
+# image. Larger shapes are not ones this trainer trains on, and would only allocate memory.
+MAX_INPUT_VALUES = 2**24
 
 
 def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> LoadedModel:
@@ -85,11 +121,12 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
 
     A built-in architecture is rebuilt by name. Any other model is rebuilt only from `model_spec`
     (`--model package.module:factory`), which the user typed: code is never imported because a
-    checkpoint names it."""
+    checkpoint names it. The metadata is checked against the weights before a model is built."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = model_file(checkpoint)
+    files = model_file(checkpoint)
+    path = files.model
     try:
         with safe_open(path, framework="pt") as st:
             meta = st.metadata() or {}
@@ -108,45 +145,72 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
     if dataset not in DATASET_INFO and not str(dataset).startswith("imagefolder:") and dataset != CUSTOM_DATA:
         raise ckpt.CheckpointError(f"{path}: unknown data set {dataset!r} (known: {', '.join(DATASET_INFO)})")
     try:
-        class_names = tuple(str(n) for n in json.loads(meta["class_names"]))
+        class_names = tuple(_strings(json.loads(meta["class_names"])))
         saved = json.loads(meta["normalization"])  # {}: the inputs are not pixels
         normalization = {**NORMALIZATION, **{k: float(v) for k, v in saved.items()}} if saved else None
-        input_shape = tuple(int(d) for d in json.loads(meta["input_shape"]))
-        num_classes, step, epoch = int(meta["num_classes"]), int(meta["step"]), int(meta["epoch"])
+        input_shape = tuple(_whole(d) for d in json.loads(meta["input_shape"]))
+        num_classes, step, epoch = _whole(meta["num_classes"]), _whole(meta["step"], 0), _whole(meta["epoch"], 0)
     except KeyError as exc:
         raise ckpt.CheckpointError(f"{path}: its metadata lacks {exc} (not written by this trainer?)") from None
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise ckpt.CheckpointError(f"{path}: unreadable metadata ({first_line(exc)})") from None
     if len(class_names) != num_classes:
         raise ckpt.CheckpointError(f"{path}: {len(class_names)} class names for {num_classes} classes")
-    if normalization is not None and (normalization["divide_by"] <= 0 or normalization["std"] <= 0):
+    if normalization is not None and not (
+        all(math.isfinite(v) for v in normalization.values()) and normalization["divide_by"] > 0 < normalization["std"]
+    ):
         raise ckpt.CheckpointError(f"{path}: invalid normalization {normalization}")
-    model = build_model(model_spec or architecture, num_classes, input_shape)
-    weights, ema = "trained", path.parent / ckpt.EMA_NAME
-    if path.name == ckpt.MODEL_NAME and ema.is_file():  # a checkpoint trained with --ema: its averaged weights
+    weights = sum(t.numel() for t in state.values())
+    if len(input_shape) != 3 or math.prod(input_shape) > MAX_INPUT_VALUES or num_classes > weights:
+        raise ckpt.CheckpointError(
+            f"{path}: its metadata describes inputs {list(input_shape)} and {num_classes} classes, which its "
+            f"{weights} weights cannot be (inputs are [channels, height, width] of at most {MAX_INPUT_VALUES} values)"
+        )
+    spec = model_spec or architecture
+    if spec in MODELS:  # the shapes the metadata implies, built without memory, against the file's
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_model(spec, num_classes, input_shape).state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in state.items()}:
+            raise ckpt.CheckpointError(
+                f"{path} does not fit a {spec} for inputs {list(input_shape)} and {num_classes} classes, as its "
+                "metadata says"
+            )
+    model = build_model(spec, num_classes, input_shape)
+    used = "trained"
+    if files.ema is not None:  # a checkpoint trained with --ema: its averaged weights
         try:
-            state = {k: v for k, v in load_file(ema).items() if k != "n_averaged"}
+            state = {k: v for k, v in load_file(files.ema).items() if k != "n_averaged"}
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ckpt.CheckpointError(f"{ema} is not a readable safetensors file ({first_line(exc)})") from None
-        weights = "EMA"
+            raise ckpt.CheckpointError(f"{files.ema} is not a readable safetensors file ({first_line(exc)})") from None
+        used = "EMA"
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ckpt.CheckpointError(
-            f"{path} does not fit a {model_spec or architecture} with {num_classes} classes: {first_line(exc)}"
-        ) from None
+        fit = f"{path} does not fit a {spec} with {num_classes} classes"
+        raise ckpt.CheckpointError(f"{fit}: {first_line(exc)}") from None
     model.eval()
     return LoadedModel(model, path, architecture, dataset, class_names, normalization, input_shape, step, epoch,
-                       weights)  # fmt: skip
+                       used, files.state())  # fmt: skip
+
+
+def _whole(value: Any, least: int = 1) -> int:
+    """An integer >= `least` from JSON or metadata text (not a bool, not a float)."""
+    number = int(value) if isinstance(value, str) else value
+    if type(number) is not int or number < least:
+        raise ValueError(f"expected an integer >= {least}, got {value!r}")
+    return number
+
+
+def _strings(values: Any) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(v, str | int) for v in values):
+        raise ValueError("class_names must be a list of names")
+    return [str(v) for v in values]
 
 
 def recorded(loaded: LoadedModel, key: str) -> Any:
-    """A field of the state.json beside the checkpoint's model.safetensors (its run's `config`, its
-    `lineage`), checked against the schema; None for a model file on its own."""
-    folder = loaded.path.parent
-    if loaded.path.name != ckpt.MODEL_NAME or not (folder / ckpt.STATE_NAME).is_file():
-        return None
-    return ckpt.read_state(folder)[key]
+    """A field of the checkpoint's state.json (its run's `config`, its `lineage`), as checked when
+    the model was loaded; None for a model file on its own."""
+    return loaded.state[key] if loaded.state is not None else None
 
 
 def recorded_config(loaded: LoadedModel) -> dict[str, Any]:

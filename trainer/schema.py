@@ -49,6 +49,13 @@ class Map:
 
 
 @dataclass(frozen=True)
+class Optional:
+    """A key of a dict spec that may be absent; when present, its value is of `spec`."""
+
+    spec: Any
+
+
+@dataclass(frozen=True)
 class Like:
     """The same structure as `example` (a live object's state): the same keys, values of the same kind."""
 
@@ -65,6 +72,7 @@ NUMBER = Check("a finite number", _number)
 SECONDS = Check("a number of seconds >= 0", lambda v: _number(v) and v >= 0)
 SHA256 = Check("64 hexadecimal digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
 TENSOR_FILES = (MODEL_NAME, OPTIMIZER_NAME, RNG_NAME, PROGRESS_NAME, EMA_NAME)
+REQUIRED_FILES = (MODEL_NAME, OPTIMIZER_NAME, RNG_NAME, PROGRESS_NAME, STATE_NAME)  # and EMA_NAME with --ema
 FILE_NAME = Check(f"one of {', '.join((*TENSOR_FILES, STATE_NAME))}", lambda v: v in (*TENSOR_FILES,
                                                                                           STATE_NAME))  # fmt: skip
 
@@ -74,7 +82,31 @@ MANIFEST = {
     "world_size": POSITIVE,
     "files": Map(FILE_NAME, {"size": NATURAL, "sha256": SHA256}),
 }
-RECORD = Map(Check("a metric's name", lambda v: isinstance(v, str)), (NUMBER, str, None))
+FRACTION = Check("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
+# One line of metrics.jsonl: an epoch's record (engine.Trainer._epoch_record).
+RECORD = {
+    "epoch": POSITIVE,
+    "step": NATURAL,
+    "train_loss": NUMBER,
+    "train_acc": FRACTION,
+    "train_samples": NATURAL,
+    "valid_loss": NUMBER,
+    "valid_acc": FRACTION,
+    "valid_correct": NATURAL,
+    "valid_seen": NATURAL,
+    "lr": NUMBER,
+    "epoch_time_s": SECONDS,
+    "eval_time_s": SECONDS,
+    "warmup_s": SECONDS,
+    "train_samples_per_s": (SECONDS, None),
+    "num_processes": POSITIVE,
+    "mixed_precision": Check(f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS),
+    "grad_norm_mean": Optional(NUMBER),  # with --clip-grad-norm
+    "grad_norm_max": Optional(NUMBER),
+    "valid_loss_ema": Optional(NUMBER),  # with --ema
+    "valid_acc_ema": Optional(FRACTION),
+    "valid_correct_ema": Optional(NATURAL),
+}
 STATE = {
     "format_version": int,
     "trainer_version": str,
@@ -131,11 +163,14 @@ def conform(value: Any, spec: Any, where: str = "") -> None:
             conform(item, spec.value, f"{where}.{key}" if where else str(key))
     elif isinstance(spec, dict):
         _kind(value, dict, here)
-        missing, extra = sorted(set(spec) - set(value)), sorted(set(value) - set(spec))
+        required = {k for k, v in spec.items() if not isinstance(v, Optional)}
+        missing, extra = sorted(required - set(value)), sorted(set(value) - set(spec))
         if missing or extra:
             raise Invalid(f"{here}: " + (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"))
         for key, item_spec in spec.items():
-            conform(value[key], item_spec, f"{where}.{key}" if where else key)
+            if key in value:
+                item_spec = item_spec.spec if isinstance(item_spec, Optional) else item_spec
+                conform(value[key], item_spec, f"{where}.{key}" if where else key)
     elif isinstance(spec, list):
         _kind(value, list, here)
         for i, item in enumerate(value):
@@ -184,6 +219,11 @@ def check_manifest(folder: Path, manifest: Any) -> None:
             f"{folder} has checkpoint format version {manifest['format_version']}; this trainer reads version "
             f"{FORMAT_VERSION} (docs/checkpoints.md says what changes between versions)"
         )
+    listed = set(manifest["files"])
+    if listed - {EMA_NAME} != set(REQUIRED_FILES):
+        odd = sorted(set(REQUIRED_FILES) - listed)
+        raise CheckpointError(f"{folder / MANIFEST_NAME} does not list {odd[0]}: every checkpoint holds "
+                              f"{', '.join(REQUIRED_FILES)}")  # fmt: skip
 
 
 def check_state(folder: Path, state: Any) -> TrainConfig:
@@ -212,6 +252,18 @@ def check_state(folder: Path, state: Any) -> TrainConfig:
         )
     if state["data_order"]["seed"] != config.seed:
         raise CheckpointError(f"{path}: data_order.seed {state['data_order']['seed']} is not config.seed")
+    history = state["history"]
+    if [r["epoch"] for r in history] != list(range(1, state["epoch"] + 1)):
+        raise CheckpointError(f"{path}: history does not hold one record for each of its {state['epoch']} epochs")
+    for i, record in enumerate(history):
+        for key, setting in (("grad_norm_mean", config.clip_grad_norm), ("grad_norm_max", config.clip_grad_norm),
+                             ("valid_loss_ema", config.ema), ("valid_acc_ema", config.ema),
+                             ("valid_correct_ema", config.ema)):  # fmt: skip
+            if (key in record) != (setting is not None):
+                raise CheckpointError(f"{path}: history[{i}] {'has' if key in record else 'lacks'} {key}")
+        for suffix in ("", "_ema") if config.ema is not None else ("",):
+            if not record[f"valid_correct{suffix}"] <= record["valid_seen"] or record["step"] > state["step"]:
+                raise CheckpointError(f"{path}: history[{i}] counts more than it saw, or lies beyond the step")
     return config
 
 
@@ -263,17 +315,78 @@ def check_tensors(folder: Path, loaded: Any, live: dict[str, Any], steps_per_epo
     tensors(PROGRESS_NAME, loaded.progress, progress)
     if done >= steps_per_epoch and world == live["world"]:
         raise CheckpointError(f"{folder / STATE_NAME}: {done} steps into an epoch of {steps_per_epoch}")
-    total = getattr(live["scheduler"], "total_steps", None)
-    if total is not None and world == live["world"] and not 0 <= state["scheduler"].get("last_epoch", -1) <= total:
-        raise CheckpointError(f"{folder / STATE_NAME}: scheduler.last_epoch is not a position in its {total} steps")
-    for name, value, example in (
-        ("optimizer_param_groups", state["optimizer_param_groups"], optimizer.state_dict()["param_groups"]),
-        ("scheduler", state["scheduler"], live["scheduler"].state_dict()),
-        ("grad_scaler", state["grad_scaler"], live["scaler"].state_dict() if live["scaler"] is not None else None),
-    ):
+    same_world = world == live["world"]
+    # What the recipe decides must be this run's; only what the schedule moves (and, on another
+    # number of processes, the schedule's length) may differ, each within its range.
+    moving_schedule = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"}
+    for name, value, example, moving in (
+        ("optimizer_param_groups", state["optimizer_param_groups"], optimizer.state_dict()["param_groups"],
+         {"lr", "momentum", "betas"}),
+        ("scheduler", state["scheduler"], live["scheduler"].state_dict(),
+         moving_schedule if same_world else moving_schedule | {"total_steps", "_schedule_phases"}),
+        ("grad_scaler", state["grad_scaler"], live["scaler"].state_dict() if live["scaler"] is not None else None,
+         {"scale", "_growth_tracker"}),
+    ):  # fmt: skip
         try:
             conform(value, Like(example) if example is not None else None, name)
-            if name == "optimizer_param_groups" and [g["params"] for g in value] != [g["params"] for g in example]:
-                raise Invalid(f"{name}: the groups hold other parameters than this run's optimizer")
+            _same_apart_from(value, jsonable(example), moving, name)
+            for where, kind in _ranged(name, value):
+                conform(where[0], kind, where[1])
         except Invalid as exc:
             raise CheckpointError(f"{folder / STATE_NAME}: {exc}") from None
+    total = getattr(live["scheduler"], "total_steps", None)
+    if total is not None and same_world and not state["scheduler"]["last_epoch"] <= total:
+        raise CheckpointError(f"{folder / STATE_NAME}: scheduler.last_epoch is not a position in its {total} steps")
+
+
+def _same_apart_from(value: Any, example: Any, moving: set[str], where: str) -> None:
+    """`value` equals `example` but for the keys in `moving` (at any depth)."""
+    if isinstance(example, dict):
+        for key in example:
+            if key not in moving:
+                _same_apart_from(value[key], example[key], moving, f"{where}.{key}")
+    elif isinstance(example, list):
+        if len(value) != len(example):
+            raise Invalid(f"{where}: holds {len(value)} items, this run's {len(example)}")
+        for i, (mine, theirs) in enumerate(zip(value, example)):
+            _same_apart_from(mine, theirs, moving, f"{where}[{i}]")
+    elif value != example:
+        raise Invalid(f"{where}: {_short(value)}, where this run's recipe gives {_short(example)}")
+
+
+RATE = Check("a number >= 0", lambda v: _number(v) and v >= 0)
+UNIT = Check("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
+SCALE = Check("a number > 0", lambda v: _number(v) and v > 0)
+
+
+def _ranged(name: str, value: Any) -> list[tuple[tuple[Any, str], Any]]:
+    """The moving values of a part of state.json, each with the range it must lie in."""
+    if name == "optimizer_param_groups":
+        found = []
+        for i, group in enumerate(value):
+            found.append(((group["lr"], f"{name}[{i}].lr"), RATE))
+            for key in ("momentum", "betas"):
+                for k, v in enumerate(group[key] if isinstance(group.get(key), list) else [group.get(key, 0)]):
+                    found.append(((v, f"{name}[{i}].{key}[{k}]"), UNIT))
+        return found
+    if name == "scheduler":
+        return [((value["last_epoch"], f"{name}.last_epoch"), NATURAL),
+                ((value.get("_step_count", 0), f"{name}._step_count"), NATURAL),
+                *(((v, f"{name}._last_lr[{i}]"), RATE) for i, v in enumerate(value.get("_last_lr", [])))]  # fmt: skip
+    if name == "grad_scaler" and value is not None:
+        return [((value["scale"], f"{name}.scale"), SCALE), ((value["_growth_tracker"], f"{name}._growth_tracker"),
+                                                              NATURAL)]  # fmt: skip
+    return []
+
+
+def jsonable(obj: Any) -> Any:
+    """A live object's state as state.json holds it (tensors as lists, tuples as lists)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint's JSON")

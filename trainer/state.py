@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from trainer import checkpoint as ckpt
+from trainer import schema
 from trainer.config import ConfigError, TrainConfig
 from trainer.errors import first_line
 
@@ -138,7 +139,7 @@ def contents(
         "samples_in_epoch": position.samples_in_epoch,
         "data_order": {"seed": config.seed, "rule": "randperm(n, seed * 1000003 + epoch)"},
         "config": config.to_dict(),
-        "scheduler": jsonable(parts.scheduler.state_dict()),
+        "scheduler": schema.jsonable(parts.scheduler.state_dict()),
         "optimizer_param_groups": opt_state["param_groups"],
         "epoch_lrs": stats.lrs if mid_epoch else [],
         "epoch_loss_curve": (
@@ -245,7 +246,8 @@ def init_weights(
 
     from trainer.evaluation import model_file
 
-    path = model_file(source)
+    files = model_file(source)
+    path = files.model
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -282,28 +284,15 @@ def init_weights(
         else:
             raise ConfigError(f"--init-from {source}: {name} is {list(theirs.shape)} there, {list(tensor.shape)} here")
     model.load_state_dict({k: parent[k] if k in kept else mine[k] for k in mine})
-    ema_file = path.parent / ckpt.EMA_NAME
     if ema is not None:
         ema.module.load_state_dict(model.state_dict())
-        if path.name == ckpt.MODEL_NAME and ema_file.is_file():  # the parent's averaged weights go on averaging
-            averaged = load_file(ema_file)
+        if files.ema is not None:  # the parent's averaged weights go on averaging
+            averaged = load_file(files.ema)
             ema.module.load_state_dict({k: averaged[k] if k in kept else v for k, v in model.state_dict().items()})
             ema.n_averaged.fill_(1)
-    lineage = {"parent": str(path.parent if path.name == ckpt.MODEL_NAME else path), "step": step,
+    lineage = {"parent": str(path.parent if files.manifest is not None else path), "step": step,
                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
     return lineage, kept, new
-
-
-def jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint's JSON")
 
 
 def rng_state() -> dict[str, Tensor]:
@@ -353,17 +342,58 @@ def floats(bits: Tensor) -> list[float]:
     return list(struct.unpack(f"<{len(values)}d", struct.pack(f"<{len(values)}q", *values)))
 
 
-def set_rng_state(state: dict[str, Tensor]) -> None:
-    torch.set_rng_state(state["torch"].to(torch.uint8).clone())  # a row view: torch reads its storage
+def _generator_states(state: dict[str, Tensor]) -> dict[str, Any]:
+    """One process's generators from rng.safetensors' rows, as each generator takes them back;
+    ValueError for values no generator of its kind can hold."""
+    found: dict[str, Any] = {}
+    for name in ("torch", "cuda"):
+        if name in state:
+            if state[name].numel() and not 0 <= int(state[name].min()) <= int(state[name].max()) <= 255:
+                raise ValueError(f"{name}: bytes outside 0..255")
+            found[name] = state[name].to(torch.uint8).clone()  # a row view: torch reads its storage
+    mt = tuple(int(v) for v in state["python_mt"].tolist())
+    if not all(0 <= v < 2**32 for v in mt[:-1]) or not 0 <= mt[-1] <= 624:
+        raise ValueError("python: Mersenne Twister words outside 0..2**32-1 or a position outside 0..624")
     (gauss,) = floats(state["python_gauss_bits"])
-    random.setstate((3, tuple(int(v) for v in state["python_mt"].tolist()), None if gauss != gauss else gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).clone())
+    found["python"] = (3, mt, None if gauss != gauss else gauss)
     if "numpy_keys" in state:
+        keys = state["numpy_keys"]
+        pos, has_gauss, cached = floats(state["numpy_rest_bits"])
+        if not (int(keys.min()) >= 0 and int(keys.max()) < 2**32 and pos in range(625) and has_gauss in (0, 1)
+                and math.isfinite(cached)):  # fmt: skip
+            raise ValueError("numpy: words outside 0..2**32-1, or a position, flag or cached value out of range")
+        found["numpy"] = ("MT19937", keys.numpy().astype("uint32"), int(pos), int(has_gauss), cached)
+    return found
+
+
+def check_rng(folder: Path, rng: dict[str, Tensor]) -> None:
+    """Every process's generators in rng.safetensors are states their generators accept: each is
+    tried on a generator of its own kind made for the purpose, before anything is restored."""
+    for rank in range(rng["torch"].shape[0]):
+        try:
+            found = _generator_states({k: v[rank] for k, v in rng.items()})
+            torch.Generator().set_state(found["torch"])
+            random.Random().setstate(found["python"])
+            if "numpy" in found:
+                import numpy as np
+
+                np.random.RandomState().set_state(found["numpy"])
+        except (ValueError, OverflowError, RuntimeError, TypeError) as exc:
+            raise ckpt.CheckpointError(
+                f"{folder / ckpt.RNG_NAME}: process {rank}'s random generators cannot be restored ({first_line(exc)})"
+            ) from None
+
+
+def set_rng_state(state: dict[str, Tensor]) -> None:
+    found = _generator_states(state)
+    torch.set_rng_state(found["torch"])
+    random.setstate(found["python"])
+    if "cuda" in found and torch.cuda.is_available():
+        torch.cuda.set_rng_state(found["cuda"])
+    if "numpy" in found:
         import numpy as np
 
-        pos, has_gauss, cached = floats(state["numpy_rest_bits"])
-        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), int(pos), int(has_gauss), cached))
+        np.random.set_state(found["numpy"])
 
 
 def model_metadata(
