@@ -77,12 +77,16 @@ def test_unreadable_images_are_named_and_the_others_still_predicted(tiny_run, di
     argv = [str(tiny_run / "best"), good[0], str(missing), str(corrupt), good[1]]
     code, results, err = run_json(capsys, argv)
     assert code == 2
-    assert [r["image"] for r in results] == good
+    assert [r["image"] for r in results] == argv[1:]  # every file in its turn, read or not
     lines = err.splitlines()
     assert len(lines) == 2 and all(line.startswith("trainer: error:") for line in lines), err
     assert str(missing) in lines[0] and "no such file" in lines[0]
     assert str(corrupt) in lines[1]
     assert "Traceback" not in err
+    # An unreadable file's entry is its error, as stderr says it; a predicted one has no "error".
+    assert [f"trainer: error: {r['error']}" for r in results[1:3]] == lines
+    assert set(results[1]) == set(results[2]) == {"image", "error"}
+    assert all(set(r) == {"image", "class", "name", "probability", "top_k"} for r in (results[0], results[3]))
     # The table output names the images it predicted.
     assert predict.main(argv) == 2
     shown = capsys.readouterr().out
@@ -102,9 +106,10 @@ def test_a_folder_stands_for_its_images(tiny_run, digits, tmp_path, capsys):
     code, results, err = run_json(capsys, [str(tiny_run / "best"), files[2], str(folder), str(tmp_path / "empty")])
     assert code == 2
     in_folder = sorted(str(folder / f"{i}_{kind}.png") for i in range(3) for kind in ("grey", "inverted", "rgb"))
-    assert [r["image"] for r in results] == [files[2], *in_folder]
+    assert [r["image"] for r in results] == [files[2], *in_folder, str(tmp_path / "empty")]
     assert err.splitlines() == [f"trainer: error: {tmp_path / 'empty'}: no images in the folder "
                                 f"({' '.join(predict.IMAGE_SUFFIXES)})"]  # fmt: skip
+    assert err == f"trainer: error: {results[-1]['error']}\n"
 
 
 def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def ink_of(image: Tensor, invert: str = "auto") -> Tensor:
     image = image[..., None] if image.dim() == 2 else image
     if max(image.shape[:2]) > WORK_SIZE:
         scale = WORK_SIZE / max(image.shape[:2])
-        image = F.interpolate(image.permute(2, 0, 1)[None], scale_factor=scale, mode="area")[0].permute(1, 2, 0)
+        size = [max(1, int(n * scale)) for n in image.shape[:2]]  # a strip one pixel high stays one, not zero
+        image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="area")[0].permute(1, 2, 0)
     y, x = torch.meshgrid(*(torch.linspace(-1, 1, n) for n in image.shape[:2]), indexing="ij")
     terms = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], dim=-1)
     step = max(1, round((x.numel() / 16384) ** 0.5))  # the fit needs no more than about 16k pixels
@@ -203,31 +205,36 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{loaded.path} was trained on data given in Python: predict with the model there")
     if digits and tuple(loaded.input_shape) != (1, SIZE, SIZE):
         return fail(f"{loaded.path}: input shape {loaded.input_shape} is not MNIST's (1, 28, 28)")
-    paths, images, failed = [], [], 0
+    entries: list[dict[str, Any]] = []  # every file in its turn: its prediction, or why it has none
+    images, failed = [], 0
     for path in image_files(args.images):
         try:
-            if os.path.isdir(path):  # a folder image_files found no image in
-                raise ImageError(f"{path}: no images in the folder ({' '.join(IMAGE_SUFFIXES)})")
-            images.append(load_image(path, args.invert) if digits else _picture(path, loaded.input_shape))
-            paths.append(path)
-            if args.save_inputs:
-                save_input(images[-1], args.save_inputs, path)
+            images.append(_read(path, digits, loaded.input_shape, args.invert))
         except ImageError as exc:
             fail(str(exc))  # one line now; the exit code says it at the end
+            entries.append({"image": str(path), "error": str(exc)})
             failed += 1
-    results = []
+            continue
+        entries.append({"image": str(path)})
+        if args.save_inputs:
+            try:
+                save_input(images[-1], args.save_inputs, path)
+            except ImageError as exc:  # the folder's fault, not the image's: it is still predicted
+                fail(str(exc))
+                failed += 1
+    results = [entry for entry in entries if "error" not in entry]
     if images:
         probabilities = predict(loaded, torch.stack(images), PartialState(cpu=args.cpu).device)
         k = min(args.top_k, len(loaded.class_names))
         # A stable sort breaks ties (the blog's net ends in a ReLU: all-zero logits happen) towards the
         # lower class, as argmax does in evaluation; topk's order among equals is unspecified.
         top_p, top_i = (t[:, :k] for t in probabilities.sort(dim=1, descending=True, stable=True))
-        for path, ps, ks in zip(paths, top_p.tolist(), top_i.tolist()):
+        for entry, ps, ks in zip(results, top_p.tolist(), top_i.tolist()):
             top = [{"class": c, "name": loaded.class_names[c], "probability": p} for p, c in zip(ps, ks)]
-            results.append({"image": str(path), **top[0], "top_k": top})
+            entry.update(top[0], top_k=top)
     if results and args.json != "-":
         _print_table(results, args.top_k > 1, loaded)
-    if args.json is not None and write_json(results, args.json):
+    if args.json is not None and write_json(entries, args.json):
         failed += 1
     return 2 if failed else 0
 
@@ -246,6 +253,17 @@ def image_files(names: list[str]) -> list[str]:
         )  # fmt: skip
         files.extend(found or [name])  # a folder without images: reported in its turn
     return files
+
+
+def _read(path: str, digits: bool, input_shape: tuple[int, ...], invert: str) -> Tensor:
+    """One file's input for the model; an ImageError (one line) for a file that cannot be read or shows
+    no digit, or a folder without images. PIL's warnings about a damaged file (corrupt EXIF, a short
+    read) are not printed: the file is read, or it is that one line."""
+    if os.path.isdir(path):  # a folder image_files found no image in
+        raise ImageError(f"{path}: no images in the folder ({' '.join(IMAGE_SUFFIXES)})")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+        return load_image(path, invert) if digits else _picture(path, input_shape)
 
 
 def _picture(path: str, input_shape: tuple[int, ...]) -> Tensor:
