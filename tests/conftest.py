@@ -34,9 +34,10 @@ DEEP = os.environ.get("TRAINER_HYPOTHESIS") == "deep"
 settings.load_profile("deep" if DEEP else "ci")
 
 
-def budget(examples: int) -> settings:
+def budget(examples: int, **more: object) -> settings:
     """A property test's settings: `examples` in CI, fifty times as many in a deep run."""
-    return settings(max_examples=examples * 50 if DEEP else examples)
+    return settings(max_examples=examples * 50 if DEEP else examples, **more)
+
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -103,11 +104,18 @@ SCRATCH: Path | None = None
 
 @pytest.fixture(scope="session", autouse=True)
 def _scratch(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Nothing the suite writes stays in the system temp folder: forked processes' logs and
-    torch.compile's cache go under the session's base temp folder."""
+    """Nothing the suite writes stays in the system temp folder: forked processes' logs,
+    torch.compile's cache and every temporary file (torchrun's `torchelastic_*`, one per agent;
+    multiprocessing's `pymp-*`) go under the session's base temp folder."""
+    import tempfile
+
     global SCRATCH
     SCRATCH = session_root(tmp_path_factory)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(SCRATCH / "inductor")
+    # TMPDIR for every child (subprocesses copy os.environ, cli_env included); tempfile.tempdir for
+    # this process and what it forks (tempfile read TMPDIR once, when pytest made its base folder).
+    (temp := SCRATCH / "tmp").mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(temp)
     # What collection imported (torch, the trainer, the tests: about 300,000 objects) lives as long
     # as the worker: out of the garbage collector's sight, each collection (Trainer.close makes one
     # per run) costs milliseconds instead of a tenth of a second.

@@ -64,16 +64,13 @@ class ModelFiles:
 
     model: Path  # model.safetensors, or the weights file the user named
     manifest: dict[str, Any] | None  # the verified manifest of its checkpoint folder (None: bare weights)
+    state: dict[str, Any] | None  # its state.json, checked against the schema (None: bare weights)
 
     @property
     def ema(self) -> Path | None:
         """The EMA's weights, when the checkpoint's manifest lists them (and so verified them)."""
         listed = self.manifest is not None and ckpt.EMA_NAME in self.manifest["files"]
         return self.model.parent / ckpt.EMA_NAME if listed else None
-
-    def state(self) -> dict[str, Any] | None:
-        """The checkpoint's state.json, checked against the schema (None for bare weights)."""
-        return ckpt.read_state(self.model.parent, self.manifest) if self.manifest is not None else None
 
 
 def model_file(checkpoint: str | os.PathLike) -> ModelFiles:
@@ -108,7 +105,8 @@ def model_file(checkpoint: str | os.PathLike) -> ModelFiles:
             raise ckpt.CheckpointError(f"{path}: {exc.strerror}") from None
         if not regular:
             raise ckpt.CheckpointError(f"{path} is not a regular file")
-    return ModelFiles(folder / ckpt.MODEL_NAME if path.is_dir() else path.resolve(), manifest)
+    state = ckpt.read_state(folder, manifest) if manifest is not None else None
+    return ModelFiles(folder / ckpt.MODEL_NAME if path.is_dir() else path.resolve(), manifest, state)
 
 
 # Values per input of a model rebuilt from a checkpoint's metadata, at most: a 3 x 2,364 x 2,364
@@ -190,7 +188,7 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
         raise ckpt.CheckpointError(f"{fit}: {first_line(exc)}") from None
     model.eval()
     return LoadedModel(model, path, architecture, dataset, class_names, normalization, input_shape, step, epoch,
-                       used, files.state())  # fmt: skip
+                       used, files.state)  # fmt: skip
 
 
 def _whole(value: Any, least: int = 1) -> int:
