@@ -9,7 +9,9 @@ Contenders (--contenders, a subset):
             its times are the metrics.jsonl of its run folder.
 
 --mixed-precision, --compile and --channels-last/--no-channels-last apply to the two trainer
-contenders, so one invocation measures one configuration against the blog's loop. Each round runs
+contenders, so one invocation measures one configuration against the blog's loop; without either
+memory-format flag both follow the device's rule (runtime.device_defaults), as a user's run does.
+What each contender ran as (precision, compile, memory format and why) is in its results. Each round runs
 every contender once, fresh and seeded, in an order that rotates from round to round; a ratio to
 the baseline is taken within each round, then the median over rounds.
 
@@ -64,7 +66,7 @@ class Settings:
     epochs: int
     mixed_precision: str
     compile: bool
-    channels_last: bool
+    channels_last: bool | None  # None: the device's rule (runtime.device_defaults), as for a user
     threads: int | None  # None: each contender picks its own, as it does for a user
 
 
@@ -100,6 +102,7 @@ def run_baseline(s: Settings, out_dir: str, result: dict[str, Any]) -> None:
             "epoch_time_s": t1 - t0, "eval_time_s": time.perf_counter() - t1, "warmup_s": 0.0,
             "train_samples_per_s": train["samples"] / (t1 - t0), "mixed_precision": "no",
         }])  # fmt: skip
+    result.update(precision="no", compile="no", memory_format="contiguous", memory_format_why="the blog's loop")
 
 
 def run_trainer(s: Settings, out_dir: str, result: dict[str, Any]) -> None:
@@ -107,6 +110,10 @@ def run_trainer(s: Settings, out_dir: str, result: dict[str, Any]) -> None:
                             mixed_precision=s.mixed_precision, compile=s.compile, channels_last=s.channels_last,
                             threads=s.threads, progress="plain"))  # fmt: skip
     result["threads"] = torch.get_num_threads()
+    # What it runs as, in the terms of its start-up summary (read from the launched run's output).
+    result.update(precision=t.accelerator.mixed_precision, compile=t._compile_text(),
+                  memory_format="channels_last" if t.channels_last else "contiguous",
+                  memory_format_why=t._memory_format_why)  # fmt: skip
     result["epochs"] = with_epoch_s(t.fit())
 
 
@@ -114,11 +121,19 @@ def launch_command(s: Settings, out_dir: str) -> list[str]:
     """The README's first command (`accelerate launch` of this Python) with the benchmark's flags."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", LAUNCH_CONFIG, "-m", "trainer",
            "--epochs", str(s.epochs), "--data-dir", s.data_dir, "--output-dir", out_dir]  # fmt: skip
-    # Only the flags that differ from the defaults (auto.yaml's precision is "no"; channels_last is on).
+    # Only the flags that differ from the defaults (auto.yaml's precision is "no"; the memory format
+    # follows the device's rule unless a flag says otherwise).
     cmd += [] if s.mixed_precision == "no" else ["--mixed-precision", s.mixed_precision]
-    cmd += (["--compile"] if s.compile else []) + ([] if s.channels_last else ["--no-channels-last"])
+    cmd += ["--compile"] if s.compile else []
+    cmd += [] if s.channels_last is None else ["--channels-last" if s.channels_last else "--no-channels-last"]
     cmd += [] if s.threads is None else ["--threads", str(s.threads)]
     return cmd + (["--cpu"] if s.device == "cpu" and torch.cuda.is_available() else [])
+
+
+def start_summary(stdout: str) -> dict[str, str]:
+    """The trainer's start-up summary (`run: ... | precision: no | ...`, one line without a terminal)."""
+    line = next((line for line in stdout.splitlines() if line.startswith("run: ")), "")
+    return dict(item.split(": ", 1) for item in line.split(" | ") if ": " in item)
 
 
 def run_launched(s: Settings, out_dir: str, result: dict[str, Any]) -> None:
@@ -129,8 +144,13 @@ def run_launched(s: Settings, out_dir: str, result: dict[str, Any]) -> None:
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"accelerate launch exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    threads = re.search(r"threads: (\d+)", done.stdout)
-    result["threads"] = int(threads.group(1)) if threads else None
+    started = start_summary(done.stdout)
+    threads = re.match(r"\d+", started.get("threads", ""))
+    result["threads"] = int(threads.group()) if threads else None
+    memory_format = re.fullmatch(r"(\S+) \((.*)\)", started.get("memory format", ""))
+    result.update(precision=started.get("precision"), compile=started.get("compile"),
+                  memory_format=memory_format and memory_format.group(1),
+                  memory_format_why=memory_format and memory_format.group(2))  # fmt: skip
     metrics = Path(out_dir) / TrainConfig().name / METRICS_NAME
     result["epochs"] = with_epoch_s([json.loads(line) for line in metrics.read_text().splitlines()])
 
@@ -198,6 +218,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "final_valid_acc": last["valid_acc"],
             "final_valid_correct": last["valid_correct"],
             "final_valid_seen": last["valid_seen"],
+            # What it ran as, in its last round (reports of schema 2 before these keys: None).
+            **{key: rounds[-1].get(key) for key in ("precision", "compile", "memory_format", "memory_format_why")},
         }
     return summary
 
@@ -210,8 +232,9 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     """The table and the ratios of a report (fresh, or read back from its JSON)."""
     s, summary = report["settings"], summarise(report["runs"])
     done = max((row["rounds"] for row in summary.values()), default=0)
+    memory_flag = {None: "by the device's rule", True: "--channels-last", False: "--no-channels-last"}
     flags = (f"precision {s['mixed_precision']}, compile {'yes' if s['compile'] else 'no'}, "
-             f"channels_last {'yes' if s['channels_last'] else 'no'}")  # fmt: skip
+             f"memory format {memory_flag[s['channels_last']]}")  # fmt: skip
     title = f"MNIST on {s['device']}, {s['epochs']} epoch(s) per round, medians of {done} round(s); trainer: {flags}"
     if not report.get("complete", True):
         title += " (interrupted: partial)"
@@ -239,6 +262,11 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         "(start, imports, data, set-up, checkpoints) apart.",
         highlight=False,
     )
+    for name in CONTENDERS:
+        if (row := summary.get(name)) is not None and row["memory_format"] is not None:
+            ran = f"precision {row['precision']}, compile {row['compile']}"
+            console.print(f"{name} ran: {ran}, memory format {row['memory_format']} ({row['memory_format_why']})",
+                          highlight=False)  # fmt: skip
     for name in CONTENDERS[1:]:
         if (ratio := (summary.get(name) or {}).get("x_baseline")) is not None:
             rounds = ", ".join(f"{v:.3f}" for v in ratio["per_round"])
@@ -294,7 +322,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="trainer contenders")
     parser.add_argument("--compile", action="store_true", help="trainer contenders: torch.compile")
     parser.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="trainer contenders"
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trainer contenders (None: the device's rule, runtime.device_defaults, as for a user)",
     )
     parser.add_argument("--epochs", type=int, default=1, help="epochs per round (each round is a fresh run)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the contenders' order rotates each round")

@@ -4,10 +4,12 @@ timing is asserted. (The trainer's step loop has no per-step host read: tests/te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import pytest
+import torch
 from conftest import REPO, TINY_TEST, TINY_TRAIN, reset_accelerate
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -41,6 +43,8 @@ def test_compare_runs_every_contender_and_writes_table_and_json(tiny_data, tmp_p
     assert "--no-channels-last" in runs["launched"]["command"] and "--mixed-precision" in runs["launched"]["command"]
     launched, trainer, baseline = epoch["launched"], epoch["trainer"], epoch["baseline"]
     assert launched["mixed_precision"] == trainer["mixed_precision"] == "bf16"
+    for name in ("trainer", "launched"):
+        assert (runs[name]["memory_format"], runs[name]["memory_format_why"]) == ("contiguous", "--no-channels-last")
     for key in ("train_loss", "train_acc", "valid_correct"):
         assert launched[key] == pytest.approx(trainer[key], rel=1e-6), key
     # The blog's loop stays as the post wrote it (fp32); it drops the last partial batch of 512,
@@ -68,3 +72,32 @@ def test_compare_refuses_fp16_on_the_cpu_and_unknown_contenders(tiny_data, capsy
             compare.main([*args, *extra])
         assert exc.value.code == 2
     assert "unknown contender(s) bare" in capsys.readouterr().err
+
+
+def test_without_flags_both_trainer_contenders_run_the_defaults_alike(tiny_data, tmp_path, capsys):
+    """No --mixed-precision, --compile or memory-format flag: the in-process and the launched
+    trainer run one configuration, the device's (runtime.device_defaults), and say so. (Before,
+    the in-process one got --channels-last and the launched one the device's rule.)"""
+    from trainer import runtime
+
+    out = tmp_path / "bench.json"
+    args = ["--data-dir", str(tiny_data), "--device", "cpu", "--epochs", "1", "--rounds", "1", "--threads", "1"]
+    assert compare.main([*args, "--contenders", "trainer,launched", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["settings"]["channels_last"] is None
+    runs = {name: rounds[0] for name, rounds in report["runs"].items()}
+    assert not {"--channels-last", "--no-channels-last"} & set(runs["launched"]["command"])
+    rule = runtime.device_defaults(torch.device("cpu"))
+    expected = ("no", "no", "channels_last" if rule["channels_last"] else "contiguous", rule["why"])
+    keys = ("precision", "compile", "memory_format", "memory_format_why")
+    assert tuple(runs["trainer"][k] for k in keys) == tuple(runs["launched"][k] for k in keys) == expected
+    assert {r["epochs"][0]["mixed_precision"] for r in runs.values()} == {"no"}
+    for name in ("trainer", "launched"):
+        assert f"{name} ran: precision no, compile no, memory format {expected[2]} ({rule['why']})" in table
+    assert "memory format by the device's rule" in table
+    # A flag is named in the launched command (the in-process TrainConfig's: the test above).
+    settings = compare.Settings(str(tiny_data), "cpu", 1, "no", False, None, 1)
+    for flag, value in (("--channels-last", True), ("--no-channels-last", False)):
+        command = compare.launch_command(dataclasses.replace(settings, channels_last=value), str(tmp_path))
+        assert {"--channels-last", "--no-channels-last"} & set(command) == {flag}

@@ -6,6 +6,8 @@ user."""
 from __future__ import annotations
 
 import gc
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import cli_env, fork_processes, free_port
+from conftest import cli_env, fork_processes, free_port, tiny_args, wait_for
 from test_library import N_EVAL, config, make_mlp, vectors
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import Trainer
+from trainer import checkpoint as ckpt
 
 # What a user's script looks like: its own model and Dataset, two Trainers in a row (a small sweep).
 SCRIPT = """
@@ -133,3 +136,26 @@ def test_a_process_group_the_user_made_is_left_to_the_user(tmp_path):
     forked = fork_processes([str(tmp_path)], nproc=2, target=users_group)
     result = forked.wait(600)
     assert result.codes == [0, 0], forked.read(0) + forked.read(1)
+
+
+@pytest.mark.slow
+def test_a_run_started_with_stdout_and_stderr_closed_trains_and_saves(tiny_data, tmp_path):
+    """`python -m trainer ... >&- 2>&-`: Python starts with no sys.stdout or sys.stderr. The run
+    trains, saves and exits 0, its record in the run folder; the files it opens do not take the
+    closed numbers (seen before: the run's lock became fd 1, stdout for any library or child)."""
+    cmd = ["sh", "-c", 'exec "$@" >&- 2>&-', "sh", sys.executable, "-m", "trainer", *tiny_args(tiny_data, tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env())
+    run = tmp_path / "mnist"
+    try:
+        wait_for(lambda: (run / ckpt.LOCK_NAME).exists() or proc.poll() is not None, timeout=300)
+        alive = proc.poll() is None  # then the run holds its lock: look at what its fds 1 and 2 are
+        held = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (1, 2)] if alive else None
+        code = proc.wait(timeout=600)
+    finally:
+        proc.kill()
+    log = (run / "run.log").read_text() if (run / "run.log").exists() else "(no run.log)"
+    assert code == 0, log
+    assert held == [os.devnull, os.devnull]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert "done: 2 epochs" in log
+    ckpt.verify((run / ckpt.BEST_LINK).resolve())

@@ -3,7 +3,7 @@
 Only the main process reports. On a terminal the bars are rich progress bars; otherwise (a
 log file, CI, a pipe) plain lines: the epoch's progress every 10% of its steps (or 30 s), then
 its row; nothing redraws. A closed stdout (`trainer ... | head`, a `tee` killed by the same
-Ctrl-C) never stops the run: the lines that matter go to stderr instead.
+Ctrl-C, `trainer ... >&-`) never stops the run: the lines that matter go to stderr instead.
 """
 
 from __future__ import annotations
@@ -25,13 +25,28 @@ def _next_tenth(fraction: float) -> float:
 
 
 def _write(stream: Any, text: str) -> bool:
-    """Writes a line; False when the reader of the pipe has gone."""
+    """Writes a line; False when the reader of the pipe has gone, or the stream was never open."""
+    if stream is None:  # Python's sys.stdout or sys.stderr when it started with that fd closed (`>&-`)
+        return False
     try:
         stream.write(text + "\n")
         stream.flush()
         return True
     except (OSError, ValueError):  # a reader gone (EPIPE), a hung-up terminal (EIO), a closed stream
         return False
+
+
+def _hold(fd: int) -> None:
+    """Puts /dev/null on a standard fd the process started without (`>&-`): else the next file
+    opened (seen: the run folder's lock) takes its number and gets whatever a library or a child
+    process writes to stdout or stderr."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
 
 
 COLUMNS = (  # (header, key in the metrics record, format)
@@ -78,12 +93,15 @@ class Reporter:
 
     def __init__(self, enabled: bool, mode: str = "auto") -> None:
         self.enabled = enabled
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            if stream is None:  # Python found the fd closed at start-up
+                _hold(fd)
         self.console = Console(highlight=False, stderr=False)
         self.bars = enabled and (mode == "bar" or (mode == "auto" and self.console.is_terminal))
         self._widths: list[int] | None = None
         self._progress: Progress | None = None
         self._task = None
-        self._stdout_closed = False
+        self._stdout_closed = sys.stdout is None  # started with stdout closed (`>&-`): as if its reader had gone
         self._plain_next = (0.0, 0.0)  # the next plain progress line: at this fraction, or at this time
 
     def line(self, text: str, style: str | None = None) -> None:

@@ -15,6 +15,7 @@ from trainer.errors import fail
 
 METRICS_NAME = "metrics.jsonl"  # as trainer.engine writes them; repeated here to keep torch out
 CURVES_NAME = "curves.jsonl"
+EMA_ACC = "valid_acc_ema"  # in each epoch's record of an --ema run
 INSTALL_HINT = "plotting needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)"
 
 
@@ -76,6 +77,11 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         epochs = [r["epoch"] for r in metrics]
         train_acc, valid_acc = [r["train_acc"] for r in metrics], [r["valid_acc"] for r in metrics]
         valid_steps, valid_loss = [r["step"] for r in metrics], [r["valid_loss"] for r in metrics]
+        # An --ema run logs its average's evaluation too, and its `best` follows the average's
+        # accuracy (as Trainer._best_key chooses): the legend names that epoch.
+        ema = all(EMA_ACC in r for r in metrics)
+        valid_acc_ema = [r[EMA_ACC] for r in metrics] if ema else []
+        valid_loss_ema = [r["valid_loss_ema"] for r in metrics] if ema else []
     except (KeyError, TypeError) as exc:
         raise RunError(f"{run_dir}: logs lack the field {exc} (written by another version?)") from None
     try:
@@ -89,7 +95,10 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     ax_loss.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
     ax_loss.plot(steps, smooth(losses, len(losses) / 20), color="tab:blue", linewidth=1.8, label="smoothed")
     ax_loss.plot(valid_steps, valid_loss, color="tab:red", marker="o", label="validation (end of each epoch)")
-    if losses and min(losses + valid_loss) > 0:
+    if ema:
+        ax_loss.plot(valid_steps, valid_loss_ema, color="tab:purple", marker="s", linestyle="--",
+                     label="validation, EMA weights")  # fmt: skip
+    if losses and min(losses + valid_loss + valid_loss_ema) > 0:
         ax_loss.set_yscale("log")
     if len(curves) <= 50:  # epoch boundaries, while they stay readable
         for record in curves[:-1]:
@@ -100,8 +109,12 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     ax_lr.plot(lr_steps, lrs, color="tab:orange")
     ax_lr.set(title="learning rate", xlabel="step", ylabel="LR")
     ax_acc.plot(epochs, train_acc, marker="o", label="train (running, during the epoch)")
-    best = max(range(len(valid_acc)), key=valid_acc.__getitem__)
-    ax_acc.plot(epochs, valid_acc, marker="o", label=f"valid (best {valid_acc[best]:.4f}, epoch {epochs[best]})")
+    chosen = valid_acc_ema if ema else valid_acc
+    best = max(range(len(chosen)), key=chosen.__getitem__)  # the first of equals, as the trainer's max
+    named = f"best {chosen[best]:.4f}, epoch {epochs[best]}"
+    ax_acc.plot(epochs, valid_acc, marker="o", label="valid, trained weights" if ema else f"valid ({named})")
+    if ema:
+        ax_acc.plot(epochs, valid_acc_ema, marker="s", linestyle="--", label=f"valid, EMA weights ({named})")
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy")
     if len(epochs) <= 20:
         ax_acc.set_xticks(epochs)  # whole epochs only, even for a run of one
