@@ -304,9 +304,11 @@ def test_a_malformed_value_is_one_line_not_the_usage(tiny_data, tmp_path):
     ]
 
 
-def test_run_name_refusal_says_what_is_allowed(run_main, tiny_data, tmp_path):
-    result = run_main(tiny_args(tiny_data, tmp_path, "--run-name", ".."))
-    assert_one_line_error(result, "must start with a letter or digit", "'..'")
+@pytest.mark.parametrize("name", ["..", ".hidden", "-x", "a/b", "tab\there", ""])
+def test_run_name_refusal_says_what_is_allowed(run_main, tiny_data, tmp_path, name):
+    result = run_main(tiny_args(tiny_data, tmp_path, f"--run-name={name}"))
+    assert_one_line_error(result, "must be a folder name", repr(name)[1:-1])
+    assert not (tmp_path / "mnist").exists()
 
 
 def test_plain_output_shows_progress_within_an_epoch_and_the_evaluation(run_main, tiny_data, tmp_path):
