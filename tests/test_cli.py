@@ -229,6 +229,55 @@ def test_unknown_flag_is_exit_code_2(run_main, tiny_data, tmp_path):
     assert info.value.code == 2
 
 
+def test_batch_size_1_with_batchnorm_is_one_line(run_main, tiny_data, tmp_path):
+    """BatchNorm cannot train on one value per channel (the blog's last layer is 1x1): one line, exit 2."""
+    short = ["--epochs", "1", "--limit-train-batches", "2", "--limit-eval-batches", "1"]
+    result = run_main(tiny_args(tiny_data, tmp_path / "one", *short, "--batch-size", "1"))
+    assert_one_line_error(result, "BatchNorm needs at least 2 samples per process", "pass --batch-size 2 or more")
+    assert not list((tmp_path / "one" / "mnist").glob("step_*"))
+    assert run_main(tiny_args(tiny_data, tmp_path / "two", *short, "--batch-size", "2")).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["trainer", "plot"])
+def test_an_abbreviated_flag_is_refused_in_one_line(run_main, capsys, tiny_data, tmp_path, command):
+    """`--epoch 1` is no `--epochs 1` (a later flag would change what it means)."""
+    from trainer import cli, plot
+
+    main, args = (cli.main, tiny_args(tiny_data, tmp_path, "--epoch", "1")) if command == "trainer" else (
+        plot.main, ["RUN", "--ou", "x.png"])  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        run_main(args, main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and "unrecognized arguments: " + args[-2] in lines[0], lines
+    assert not (tmp_path / "mnist").exists()
+
+
+def help_entries(run_main, capsys) -> dict[str, str]:
+    """`trainer --help` as {flag: its entry's text on one line}."""
+    with pytest.raises(SystemExit) as info:
+        run_main(["--help"])
+    assert info.value.code == 0
+    entries: dict[str, str] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif line.startswith("    ") and entries:
+            entries[flag] += " " + line.strip()
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}
+
+
+def test_help_shows_defaults_of_0_and_hides_those_of_none_and_false(run_main, capsys):
+    entries = help_entries(run_main, capsys)
+    assert entries["--weight-decay"].endswith("(default: 0.0)")
+    assert entries["--label-smoothing"].endswith("(default: 0.0)")
+    assert entries["--warmup-steps"].endswith("(default: 0)")
+    assert entries["--epochs"].endswith("(default: 10)")
+    for flag in ("--ema", "--clip-grad-norm", "--cpu", "--augment", "--find-unused-parameters"):  # None, False
+        assert "(default:" not in entries[flag], entries[flag]
+    assert "SGD" not in entries["--lr"] and "either optimizer" in entries["--lr"]
+
+
 def test_several_processes_without_distributed_setup_are_refused(tiny_data, tmp_path):
     """torchrun's environment without --cpu on a machine without GPUs: each process would train alone."""
     import torch

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import fork_processes, main_in_process, tiny_args
+from conftest import fork_processes, fork_trainer, main_in_process, tiny_args
 from helpers.dist_probe import probe
 
 MAX_LR = 0.5
@@ -115,4 +115,22 @@ def test_two_process_run_reports_exact_counts_through_the_cli(unbroken_2proc):
     assert all(r["train_samples"] == 1536 for r in rows)  # 12 steps x 2 processes x 64
     out = (unbroken_2proc / "stdout.txt").read_text()
     assert out.count("processes: 2") == 1  # only the main process prints
+    assert "global batch: 128 (64 per process x 2 processes) |" in out
     assert "/1001" in out
+
+
+def test_a_parameter_the_model_never_uses_needs_the_flag_on_two_processes(tiny_data, tmp_path):
+    """DDP refuses it at the second step: one line on each process, exit 2; the flag lets the run finish."""
+    args = ["--epochs", "1", "--limit-train-batches", "3", "--model", "helpers.models:with_unused_parameter"]
+    refused = fork_trainer(tiny_args(tiny_data, tmp_path / "refused", *args), nproc=2, logs=tmp_path / "logs")
+    assert refused.codes == [2, 2]
+    for rank in (0, 1):
+        lines = (tmp_path / "logs" / f"rank{rank}.err").read_text().splitlines()
+        assert len(lines) == 1, lines
+        prefix = "trainer: error: " + ("[rank 1] " if rank else "")
+        assert lines[0].startswith(prefix + "the model has parameters that a step leaves without a gradient")
+        assert "(unused.weight, unused.bias)" in lines[0] and lines[0].endswith("pass --find-unused-parameters")
+    done = fork_trainer(tiny_args(tiny_data, tmp_path / "done", *args, "--find-unused-parameters"), nproc=2)
+    assert done.codes == [0, 0], done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "done" / "mnist" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3] and (tmp_path / "done" / "mnist" / "best").exists()

@@ -4,14 +4,18 @@ counts, the exact LR schedule, signal-safe checkpoints, bitwise resume, one-line
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import fork_processes, reset_accelerate
+from conftest import budget, fork_processes, reset_accelerate
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_distributed import MAX_LR, assert_one_cycle
@@ -403,3 +407,55 @@ def test_a_datasets_own_randomness_does_not_depend_on_workers(tmp_path, monkeypa
     # Negative control: without the per-sample seeding, worker processes draw other noise.
     monkeypatch.setattr(data, "_seeded", lambda base, index: contextlib.nullcontext())
     assert run("plain-w0", 0) != run("plain-w2", 2)
+
+
+# Values of every kind a Python caller may pass: Python's and numpy's numbers, bools, strings, paths.
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.just(10**400), st.floats(),
+    st.integers(-1000, 1000).map(np.int64), st.integers(0, 255).map(np.uint8), st.booleans().map(np.bool_),
+    st.floats(width=32).map(np.float32), st.floats().map(np.float64),
+    st.text(max_size=8), st.text(max_size=8).map(Path), st.just(b"bytes"),
+)  # fmt: skip
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def plain(name: str, value: object) -> object:
+    """The built-in value a numpy number or a path stands for (a numpy bool stands for none)."""
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    return str(value) if isinstance(value, Path) and FIELDS[name].metadata.get("path") else value
+
+
+@budget(300)
+@given(st.dictionaries(st.sampled_from(sorted(FIELDS)), ANY_VALUE, max_size=3))
+def test_config_takes_numbers_and_paths_of_any_kind_as_builtin_values_or_refuses_them(values):
+    """numpy's integers and reals, and paths for the path fields, are taken exactly where Python's
+    int, float and str are, and stored as those, equal to them; anything else is a ConfigError, never
+    another exception."""
+    builtin = {name: plain(name, value) for name, value in values.items()}
+    try:
+        config = TrainConfig(**values)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        with pytest.raises(ConfigError):
+            TrainConfig(**builtin)
+        return
+    assert config == TrainConfig(**builtin)
+    for name, value in values.items():
+        stored = getattr(config, name)
+        if value is None:
+            assert stored is None
+        elif isinstance(value, Path):
+            assert FIELDS[name].metadata.get("path") and stored == str(value) and type(stored) is str
+        elif isinstance(value, int | float | np.number) and not isinstance(value, bool):
+            assert type(stored) in (int, float) and stored == value, (name, value, stored)
+        else:
+            assert type(stored) in (bool, str), (name, value, stored)
+
+
+def test_config_names_the_field_of_a_value_of_the_wrong_type():
+    with pytest.raises(ConfigError, match=r"^epochs \(--epochs\) must be an int, got 2\.5$"):
+        TrainConfig(epochs=2.5)
+    config = TrainConfig(output_dir=Path("runs"), epochs=np.int64(3), lr=np.float32(0.25))
+    assert (config.output_dir, config.epochs, config.lr) == ("runs", 3, 0.25)
+    assert (type(config.epochs), type(config.lr)) == (int, float)

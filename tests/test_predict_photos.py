@@ -160,7 +160,9 @@ def test_an_empty_page_is_reported_not_guessed(mnist_model, digits, tmp_path, ca
     code = predict.main([str(mnist_model), str(grey), str(photo), str(digit), "--cpu", "--json"])
     captured = capsys.readouterr()
     assert code == 2
-    assert [r["image"] for r in json.loads(captured.out)] == [str(digit)]
+    entries = json.loads(captured.out)
+    assert [r["image"] for r in entries] == [str(grey), str(photo), str(digit)]
+    assert ["error" in r for r in entries] == [True, True, False]
     lines = captured.err.splitlines()
     assert len(lines) == 2 and all("no digit found" in line for line in lines), captured.err
     assert str(grey) in lines[0] and str(photo) in lines[1]

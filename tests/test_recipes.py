@@ -67,6 +67,7 @@ def test_every_knob_at_once_resumes_bitwise_on_two_processes(tiny_data, tmp_path
                            nproc=2)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run, tmp_path / "again")
+    assert "global batch: 256 (64 per process x 2 processes x 2 micro-batches)" in unbroken.stdout
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [6, 12] and all(r["valid_seen"] == 1001 for r in rows)
 
@@ -182,6 +183,15 @@ def test_augmentation_shifts_and_flips_each_sample_as_drawn():
     assert torch.equal(augment(cl, draws, pad=1), out)  # any memory format
 
 
+def test_the_start_up_summary_counts_the_accumulated_micro_batches_in_the_global_batch(run_main, tiny_data, tmp_path):
+    short = ["--epochs", "1", "--limit-train-batches", "1", "--limit-eval-batches", "1"]
+    result = run_main(tiny_args(tiny_data, tmp_path / "k2", *short, "--grad-accum", "2"))
+    assert result.returncode == 0, result.stderr
+    assert "global batch: 128 (64 per process x 1 process x 2 micro-batches) | steps/epoch: 1" in result.stdout
+    plain = run_main(tiny_args(tiny_data, tmp_path / "k1", *short))
+    assert "global batch: 64 (64 per process x 1 process) |" in plain.stdout
+
+
 @pytest.mark.parametrize(
     "flags, fragment",
     [(["--betas", "0.9,0.99"], "--betas belong to --optimizer adamw"),
@@ -191,7 +201,7 @@ def test_augmentation_shifts_and_flips_each_sample_as_drawn():
      (["--clip-grad-norm", "0"], "--clip-grad-norm must be a positive number"),
      (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
      (["--ema", "1.5"], "--ema must be a decay in (0, 1)"),
-     (["--grad-accum", "30"], "fewer than one step needs (64 per process x 1 processes x 30 micro-batches)")],
+     (["--grad-accum", "30"], "fewer than one step needs (64 per process x 1 process x 30 micro-batches)")],
 )  # fmt: skip
 def test_a_bad_knob_is_one_line(run_main, tiny_data, tmp_path, flags, fragment):
     result = run_main(tiny_args(tiny_data, tmp_path, *flags))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["EvalResult", "Stopped", "TrainConfig", "Trainer", "__version__"]
+__all__ = ["EvalResult", "Stopped", "TrainConfig", "Trainer", "__version__", "load_weights"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from trainer import engine
 
         return getattr(engine, name)
+    if name == "load_weights":
+        from trainer.evaluation import load_weights
+
+        return load_weights
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

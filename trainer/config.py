@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import re
 import typing
@@ -26,6 +27,16 @@ FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 CUSTOM_DATA = "custom"
 
 
+# What a field of each type takes in Python, how it is stored (numpy's numbers as Python's), and its name.
+_KINDS: dict[type, tuple[Any, Any, str]] = {
+    int: (numbers.Integral, int, "an int"),
+    float: (numbers.Real, float, "a number"),
+    str: (str, str, "a str"),
+    bool: (bool, bool, "a bool"),
+}
+_PATH = ((str, os.PathLike), os.fspath, "a str or path")  # the fields whose metadata says path=True
+
+
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
     """A dataclass field whose metadata also builds its command-line flag."""
     return field(default=default, metadata={"help": help, "group": group, **extra})
@@ -42,7 +53,7 @@ class TrainConfig:
     # --- the recipe (the blog's defaults) ---
     epochs: int = _opt(10, "number of passes over the training split", "recipe")
     batch_size: int = _opt(512, "training batch size per process", "recipe")
-    lr: float = _opt(0.5, "peak learning rate of the OneCycle schedule (SGD)", "recipe")
+    lr: float = _opt(0.5, "peak learning rate of the schedule, either optimizer (cosine: after the warm-up)", "recipe")
     momentum: float = _opt(0.9, "SGD momentum (used as is only with --no-cycle-momentum)", "recipe")
     cycle_momentum: bool = _opt(True, "let OneCycle cycle momentum 0.95 -> 0.85 -> 0.95 (the blog's)", "recipe")
     seed: int = _opt(12, "seed for weights and the data order of every epoch", "recipe")
@@ -86,7 +97,7 @@ class TrainConfig:
     )
 
     # --- data and evaluation ---
-    data_dir: str = _opt("./data", "folder holding (or receiving) the torchvision data sets", "data")
+    data_dir: str = _opt("./data", "folder holding (or receiving) the torchvision data sets", "data", path=True)
     eval_batch_size: int = _opt(1024, "evaluation batch size per process", "data")
     limit_eval_batches: int | None = _opt(None, "evaluate on at most N batches per process", "data")
     num_workers: int | None = _opt(
@@ -94,7 +105,7 @@ class TrainConfig:
     )
 
     # --- infrastructure ---
-    output_dir: str = _opt("checkpoints", "root folder for run folders", "infra")
+    output_dir: str = _opt("checkpoints", "root folder for run folders", "infra", path=True)
     run_name: str | None = _opt(
         None, "run folder name under --output-dir (default: the data set's name, or the image folder's)", "infra"
     )
@@ -114,6 +125,9 @@ class TrainConfig:
         "infra",
         choices=COMPILE_MODES,
     )
+    find_unused_parameters: bool = _opt(
+        False, "several processes: let DDP allow parameters that a step leaves without a gradient (slower)", "infra"
+    )
     threads: int | None = _opt(
         None,
         "torch threads per process on the CPU (default: the cores this process may use / processes on this "
@@ -125,12 +139,14 @@ class TrainConfig:
         "'latest' or a checkpoint folder to continue from; 'auto': the run folder's newest intact checkpoint if it "
         "has one, else a fresh start (what a requeued job runs)",
         "infra",
+        path=True,
     )
     init_from: str | None = _opt(
         None,
         "start a new run from the weights of a checkpoint (folder, best link, run folder or model.safetensors), "
         "with this command's recipe; a classifier for another number of classes starts afresh",
         "infra",
+        path=True,
     )
     save_every: int | None = _opt(None, "also save a checkpoint every N optimizer steps", "infra")
     requeue_signal: str | None = _opt(
@@ -191,8 +207,8 @@ class TrainConfig:
             raise ConfigError(
                 f"--model must be {' or '.join(MODEL_NAMES)} or package.module:factory, got {self.model!r}"
             )
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight-decay must be a number of at least 0, got {self.weight_decay}")
         if self.betas is not None:
             if self.optimizer != "adamw":
                 raise ConfigError("--betas belong to --optimizer adamw")
@@ -228,21 +244,23 @@ class TrainConfig:
             raise ConfigError("--compile-mode needs --compile")
 
     def _check_types(self) -> None:
-        """Every field holds a value of its declared type (an int is a float too; a bool is no int)."""
+        """Every field holds its declared type, stored as the built-in one: any integer (numpy's too) for an
+        int, any real number for a float, a str or os.PathLike for a path; a bool is no number."""
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, allowed = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
             if value is None and type(None) in allowed:
                 continue
-            if isinstance(value, bool) and bool not in allowed:
-                ok = False
-            else:
-                ok = isinstance(value, allowed) or (float in allowed and type(value) is int)
-            if not ok:
-                kinds = " or ".join(t.__name__ for t in allowed if t is not type(None))
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be {kinds}, got {value!r}")
-            if float in allowed and type(value) is int:
-                object.__setattr__(self, f.name, float(value))
+            kind = next(t for t in allowed if t is not type(None))
+            accepted, convert, words = _PATH if f.metadata.get("path") else _KINDS[kind]
+            try:
+                ok = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
+                stored = convert(value) if ok else None
+            except OverflowError:  # an int too large for a float
+                stored = None
+            if not isinstance(stored, kind):  # refused, or a path of bytes
+                raise ConfigError(f"{f.name} (--{f.name.replace('_', '-')}) must be {words}, got {value!r}")
+            object.__setattr__(self, f.name, stored)
 
     @property
     def adam_betas(self) -> tuple[float, float]:

@@ -77,11 +77,17 @@ def user_source(train: Dataset, test: Dataset) -> DataSource:
     """Data given in Python, checked on its first sample: (input tensor, int label) pairs; uint8
     images channels first. The sample is read with the generators seeded and given back, so a
     Dataset that augments does not move the run's random state."""
+    from torch.utils.data import IterableDataset
+
     for name, data in (("train_data", train), ("eval_data", test)):
         try:
             size = len(data)
+            if isinstance(data, IterableDataset):  # it may have a length, but it cannot be read by index
+                raise TypeError
         except TypeError:
-            raise DataError(f"{name} must be a map-style Dataset with a length") from None
+            raise DataError(
+                f"{name} must be a map-style Dataset with a length (read by index, not an IterableDataset)"
+            ) from None
         if size == 0:
             raise DataError(f"{name} is empty")
     with _seeded(0, 0):
@@ -89,7 +95,7 @@ def user_source(train: Dataset, test: Dataset) -> DataSource:
     if not isinstance(sample, tuple | list) or len(sample) != 2:
         raise DataError(f"train_data[0] must be an (input, label) pair, got {type(sample).__name__}")
     try:
-        example, label = torch.as_tensor(sample[0]), int(sample[1])
+        example, label = torch.as_tensor(sample[0]), class_label(sample[1])
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"train_data[0] must be (input tensor, int label): {first_line(exc)}") from None
     del label
@@ -303,17 +309,39 @@ def readable_labels(data: Split | Dataset) -> Tensor | None:
     return None if labels is None or labels.is_floating_point() or labels.dim() != 1 else labels
 
 
+def class_label(label: Any) -> int:
+    """A sample's label as a class number; ValueError for anything but a whole number:
+    a float tensor (soft or regression targets) and a float such as 1.7 are not classes."""
+    if isinstance(label, Tensor) and (label.numel() != 1 or label.is_floating_point() or label.is_complex()):
+        raise ValueError(f"the label, a {label.dtype} tensor of shape {list(label.shape)}, is not an integer class")
+    try:
+        value = int(label)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or value != label:
+        raise ValueError(f"the label {label!r} is not an integer class")
+    return value
+
+
 def check_labels(data: Split | Dataset, classes: int, split: str) -> bool:
     """Every label is a class of the model. Checked here, up front, where the labels can be read
     without the inputs (tensors; a Dataset's `targets` or `labels`): True. Else False, and the
-    loader's `PositionedDataset` checks each sample as it reads it."""
+    loader's `PositionedDataset` checks each sample as it reads it; the first sample is checked
+    now, so that labels numbered wrongly show before a whole epoch of training, not at its
+    evaluation (reading them all up front would read every input once more)."""
     labels = readable_labels(data)
-    if labels is None:
-        return False
+    known = labels is not None
+    if not known:
+        with _seeded(0, 0):
+            sample = data[0]
+        try:
+            labels = torch.tensor([class_label(sample[1])])
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
+            raise DataError(f"the {split} data's first sample must be (input, int label): {first_line(exc)}") from None
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
         bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
         raise DataError(f"the {split} data has the label {bad}, outside the model's {classes} classes 0..{classes - 1}")
-    return True
+    return known
 
 
 class _seeded:
@@ -363,9 +391,9 @@ class PositionedDataset(Dataset):
         with _seeded(self.sampler.seed * 1_000_003 + self.sampler.epoch, index):
             inputs, label = self.dataset[index]
         try:
-            label = int(label)
-        except (TypeError, ValueError):
-            raise DataError(f"sample {index}: the label {label!r} is not an integer class") from None
+            label = class_label(label)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DataError(f"sample {index}: {first_line(exc)}") from None
         if self.num_classes is not None and not 0 <= label < self.num_classes:
             raise DataError(f"sample {index} has the label {label}, outside the model's {self.num_classes} classes")
         return inputs, label, index

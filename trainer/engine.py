@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 import signal
 import sys
 import time
@@ -163,6 +164,17 @@ class Trainer:
         self._prepare_run_dir()
 
     @property
+    def samples_per_step(self) -> int:
+        """The samples of one optimizer step, all processes together: batch x processes x --grad-accum."""
+        return self.config.batch_size * self.num_processes * self.config.grad_accum
+
+    def _samples_per_step_parts(self) -> str:
+        """samples_per_step's factors, for people: `32 per process x 2 processes x 2 micro-batches`."""
+        n, k = self.num_processes, self.config.grad_accum
+        accumulated = f" x {k} micro-batches" if k > 1 else ""
+        return f"{self.config.batch_size} per process x {n} process{'es' * (n != 1)}{accumulated}"
+
+    @property
     def history(self) -> list[dict[str, Any]]:
         """The per-epoch records so far (the lines of metrics.jsonl)."""
         return self.log.history
@@ -174,12 +186,15 @@ class Trainer:
         self.train_size, self.test_size = len(self.data.train), len(self.data.test)
         if self.test_size == 0:
             raise ConfigError("the evaluation data is empty")
-        per_step = cfg.batch_size * self.num_processes * cfg.grad_accum
-        if self.train_size < per_step:
-            accumulated = f" x {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else ""
+        if cfg.augment and len(self.data.input_shape) != 3:  # crops and flips need rows and columns
+            raise ConfigError(
+                f"--augment needs image inputs [C, H, W]; these inputs are {list(self.data.input_shape)}: "
+                "train without it, or give images"
+            )
+        if self.train_size < self.samples_per_step:
             raise ConfigError(
                 f"the training split has {self.train_size} samples, fewer than one step needs "
-                f"({cfg.batch_size} per process x {self.num_processes} processes{accumulated})"
+                f"({self._samples_per_step_parts()})"
             )
         device, workers = acc.device, cfg.num_workers
         self.train_loader = make_loader(self.data.train, cfg.batch_size, train=True, seed=cfg.seed, device=device,
@@ -206,6 +221,9 @@ class Trainer:
     def _setup_model(self, model: nn.Module | None, class_names: Any) -> None:
         cfg, shape = self.config, self.data.input_shape
         names = self.data.class_names or (tuple(str(n) for n in class_names) if class_names is not None else None)
+        if names is not None and len(set(names)) < len(names):  # predictions name classes: each name once
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"class_names name a class more than once: {', '.join(twice[:4])}")
         # --model package:factory builds it (and evaluate / predict rebuild it only when told so again).
         self.factory = cfg.model if model is None and cfg.model not in MODELS else None
         if model is None:
@@ -238,6 +256,8 @@ class Trainer:
                                     ("evaluation", self.data.test, self.eval_loader)):  # fmt: skip
             if not check_labels(data, len(self.class_names), split) and hasattr(loader.dataset, "num_classes"):
                 loader.dataset.num_classes = len(self.class_names)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"the model ({self.architecture}) has no parameters that require grad: nothing to train")
         self.model = model
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -264,7 +284,7 @@ class Trainer:
     def _train_samples(self) -> int:
         """The samples an epoch covers: whole optimizer steps of every process (batch x processes x
         accumulation), at most --limit-train-batches of them."""
-        per_step = self.config.batch_size * self.num_processes * self.config.grad_accum
+        per_step = self.samples_per_step
         steps = self.train_size // per_step
         if self.config.limit_train_batches is not None:
             steps = min(steps, self.config.limit_train_batches)
@@ -280,8 +300,15 @@ class Trainer:
         `(steps - 1) * N + 1` units put the last optimizer step exactly on the schedule's end."""
         cfg = self.config
         # What accelerate's sharding of the drop_last loader gives each process (checked after prepare).
-        self.steps_per_epoch = self._train_samples() // (cfg.batch_size * self.num_processes * cfg.grad_accum)
+        self.steps_per_epoch = self._train_samples() // self.samples_per_step
         total_steps = self.steps_per_epoch * cfg.epochs
+        # The step after the warm-up runs at --lr; the cosine needs one more to decay to 0.
+        if cfg.schedule == "cosine" and 0 < cfg.warmup_steps >= total_steps - 1:
+            raise ConfigError(
+                f"--warmup-steps {cfg.warmup_steps} leaves no step for the cosine to decay in: the run has "
+                f"{total_steps} optimizer steps ({cfg.epochs} epoch(s) of {self.steps_per_epoch}); warm up over "
+                f"fewer than {total_steps - 1} or train longer"
+            )
         units = (total_steps - 1) * self.num_processes + 1
         self.scheduler = recipe.new_schedule(self.optimizer, cfg, units, self.num_processes)
 
@@ -392,7 +419,7 @@ class Trainer:
         """Trains from the current position to the end of the epoch and returns its summary; saves
         and raises Stopped when a stop signal is agreed on mid-epoch."""
         cfg, acc, pos = self.config, self.accelerator, self.position
-        per_step = cfg.batch_size * self.num_processes * cfg.grad_accum
+        per_step = self.samples_per_step
         if pos.samples_in_epoch == 0:
             self.stats = state.EpochStats.empty(self.steps_per_epoch, acc.device)
         stats, first = self.stats, self.stats.filled
@@ -409,7 +436,9 @@ class Trainer:
             rng = state.torch_rng()
             try:  # the data and the model: a failure here leaves the state of the last whole step
                 loss, correct = self._forward_backward(batches, draws)
-            except Exception:
+            except Exception as exc:
+                if user_error := self._user_error(exc):
+                    raise user_error from None
                 self._failed_step_rng = rng
                 raise
             lr = self.optimizer.optimizer.param_groups[0]["lr"]  # the LR this step uses
@@ -441,6 +470,29 @@ class Trainer:
         timed = summary["samples"] - untimed
         # An epoch whose only step was the warm-up has no timed step: no figure rather than a made-up one.
         return {**summary, "time_s": seconds, "samples_per_s": timed / seconds if timed > 0 and seconds > 0 else None}
+
+    def _user_error(self, exc: Exception) -> ConfigError | None:
+        """A step's failure that a setting fixes, as a one-line user error; None for anything else (a bug
+        keeps its traceback). Both raise on every process alike, before the step changed anything."""
+        text = str(exc)
+        if isinstance(exc, ValueError) and "Expected more than 1 value per channel when training" in text:
+            if self.config.batch_size != 1:  # the model itself narrowed the batch: not ours to explain
+                return None
+            return ConfigError(
+                "BatchNorm needs at least 2 samples per process in each training batch, and this model has "
+                "BatchNorm layers: " + self._say("pass --batch-size 2 or more", "use a batch_size of 2 or more")
+            )
+        # DDP's refusal of a model whose step leaves parameters without a gradient (the next step's forward).
+        if not (isinstance(exc, RuntimeError) and "Expected to have finished reduction in the prior" in text):
+            return None
+        found = re.search(r"did not receive grad for rank \d+: ([\d ]+)", text)
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        unused = [names[int(i)] for i in found.group(1).split() if int(i) < len(names)] if found else []
+        which = f" ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})" if unused else ""
+        return ConfigError(
+            f"the model has parameters that a step leaves without a gradient{which}, which DDP refuses by default: "
+            + self._say("pass --find-unused-parameters", "pass TrainConfig(find_unused_parameters=True)")
+        )
 
     def _forward_backward(self, batches: Any, draws: Tensor | None) -> tuple[Tensor, Tensor]:
         """One optimizer step's micro-batches, forward and backward: their mean loss (a device scalar,
@@ -630,7 +682,7 @@ class Trainer:
             "precision": acc.mixed_precision,
             "compile": self._compile_text(),
             "memory format": f"{'channels_last' if self.channels_last else 'contiguous'} ({self._memory_format_why})",
-            "global batch": cfg.batch_size * self.num_processes,
+            "global batch": f"{self.samples_per_step} ({self._samples_per_step_parts()})",
             "steps/epoch": self.steps_per_epoch,
             "epochs": cfg.epochs,
             "train/test images": f"{self.train_size}/{self.test_size}",

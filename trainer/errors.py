@@ -57,7 +57,12 @@ def one_line(text: str) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """Every command's parser: a bad flag or value is one line and exit code 2, like every other user error."""
+    """Every command's parser: a bad flag or value is one line and exit code 2, like every other user error.
+    A flag is taken only as spelled in full (`--epoch` is no `--epochs`: a new flag never changes what an old
+    abbreviation meant)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -68,7 +73,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text or hidden or not action.option_strings:  # 0 and 0.0 are shown
             return text
         return f"{text} (default: %(default)s)"
 

@@ -109,6 +109,8 @@ def model_file(checkpoint: str | os.PathLike) -> ModelFiles:
     return ModelFiles(folder / ckpt.MODEL_NAME if path.is_dir() else path.resolve(), manifest, state)
 
 
+# What evaluate and predict say of a checkpoint trained on data given in Python.
+IN_PYTHON = "trainer.load_weights(checkpoint, model) puts its weights into your own module there"
 # Values per input of a model rebuilt from a checkpoint's metadata, at most: a 3 x 2,364 x 2,364
 # image. Larger shapes are not ones this trainer trains on, and would only allocate memory.
 MAX_INPUT_VALUES = 2**24
@@ -133,6 +135,8 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
         raise ckpt.CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
     architecture, dataset = meta.get("architecture"), meta.get("dataset")
     if model_spec is None and architecture not in MODELS:
+        if dataset == CUSTOM_DATA and architecture and ":" in architecture:
+            raise ConfigError(f"{path} holds a {architecture} model trained on data given in Python: {IN_PYTHON}")
         if not architecture or ":" not in architecture:
             raise ckpt.CheckpointError(f"{path}: unknown architecture {architecture!r} (known: {', '.join(MODELS)})")
         built = f"--model {meta['factory']}" if meta.get("factory") else "--model package.module:factory"
@@ -191,6 +195,37 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
                        used, files.state)  # fmt: skip
 
 
+def load_weights(checkpoint: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Loads a checkpoint's weights into your own `model` (a checkpoint folder, a run folder's
+    `best`, a `best` link or a model.safetensors file): the EMA's when the checkpoint has them,
+    as `evaluate` and `predict` use. The way back in Python to a model trained on data given in
+    Python. Raises CheckpointError, in one line, when the weights do not fit `model`.
+
+    Returns `model`, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = model_file(checkpoint)
+    path = files.ema or files.model
+    try:
+        state = {k: v for k, v in load_file(path).items() if k != "n_averaged"}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
+    module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the checkpoint holds the module's keys
+    own = module.state_dict()
+    wrong = [f"{k} is {list(own[k].shape)} here, {list(state[k].shape)} there"
+             for k in own.keys() & state.keys() if own[k].shape != state[k].shape]  # fmt: skip
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    for what, keys in (("lacks", missing), ("has no place for", unexpected)):
+        if keys:
+            wrong.append(f"it {what} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    if wrong:
+        why = "; ".join(sorted(wrong)[:3])
+        raise ckpt.CheckpointError(f"{path} does not fit this {type(module).__qualname__}: {why}")
+    module.load_state_dict(state)
+    return model.eval()
+
+
 def _whole(value: Any, least: int = 1) -> int:
     """An integer >= `least` from JSON or metadata text (not a bool, not a float)."""
     number = int(value) if isinstance(value, str) else value
@@ -227,7 +262,8 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | No
     data_dir = data_dir or recorded.get("data_dir") or "./data"
     if loaded.dataset == CUSTOM_DATA:
         raise ConfigError(
-            f"{loaded.path} was trained on data given in Python: evaluate it there (trainer.evaluation.evaluate_model)"
+            f"{loaded.path} was trained on data given in Python: evaluate it there ({IN_PYTHON}, then "
+            "Trainer.evaluate(model) or trainer.evaluation.evaluate_model)"
         )
     folder = image_folder_path(loaded.dataset)
     if dataset is not None:

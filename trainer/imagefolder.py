@@ -108,6 +108,10 @@ def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], li
     ]
     if not classes or not files:
         raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>.png)")
+    if classes is found:  # the training split: a class it has no image of could never be learnt (test: absent is fine)
+        empty = sorted(set(classes) - {classes[k] for _, k in files})
+        if empty:
+            raise DataError(f"{folder / empty[0]}: a class folder with no images; add some or remove the folder")
     return classes, files
 
 

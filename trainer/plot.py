@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import fail
+from trainer.errors import Parser, fail
 
 METRICS_NAME = "metrics.jsonl"  # as trainer.engine writes them; repeated here to keep torch out
 CURVES_NAME = "curves.jsonl"
@@ -134,7 +134,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m trainer.plot",
         description="Plot a run's training loss and LR per step and its accuracy per epoch into a PNG.",
     )

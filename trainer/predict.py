@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     digits = loaded.dataset in DATASET_INFO  # MNIST and its siblings: ink on paper, made as MNIST was
     if loaded.dataset == CUSTOM_DATA:
-        return fail(f"{loaded.path} was trained on data given in Python: predict with the model there")
+        return fail(f"{loaded.path} was trained on data given in Python: predict with the model there "
+                    "(trainer.load_weights(checkpoint, model) puts its weights into your module)")  # fmt: skip
     if digits and tuple(loaded.input_shape) != (1, SIZE, SIZE):
         return fail(f"{loaded.path}: input shape {loaded.input_shape} is not MNIST's (1, 28, 28)")
     entries: list[dict[str, Any]] = []  # every file in its turn: its prediction, or why it has none

@@ -422,6 +422,10 @@ def make_accelerator(config: TrainConfig) -> Any:
 
         mode = config.compile_mode or ("reduce-overhead" if cuda else "default")
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=mode)
+    if config.find_unused_parameters:  # accelerate applies it where it wraps the model in DDP, nowhere else
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if config.trackers:
         from accelerate.utils import ProjectConfiguration
 

@@ -325,7 +325,7 @@ def check_tensors(folder: Path, loaded: Any, live: dict[str, Any], steps_per_epo
         ("scheduler", state["scheduler"], live["scheduler"].state_dict(),
          moving_schedule if same_world else moving_schedule | {"total_steps", "_schedule_phases"}),
         ("grad_scaler", state["grad_scaler"], live["scaler"].state_dict() if live["scaler"] is not None else None,
-         {"scale", "_growth_tracker"}),
+         {"scale", "_growth_tracker", "growth_factor", "backoff_factor", "growth_interval"}),  # the scaler's own
     ):  # fmt: skip
         try:
             conform(value, Like(example) if example is not None else None, name)

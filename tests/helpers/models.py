@@ -16,3 +16,18 @@ def small_cnn(num_classes: int, in_channels: int) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8 * 16, num_classes),
     )
+
+
+class _WithUnused(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.net = small_cnn(num_classes, in_channels)
+        self.unused = nn.Linear(2, 2)  # never called: DDP waits for its gradient unless told otherwise
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def with_unused_parameter(num_classes: int, in_channels: int) -> nn.Module:
+    """small_cnn beside a layer that forward never calls (DDP then needs find_unused_parameters)."""
+    return _WithUnused(num_classes, in_channels)
