@@ -4,6 +4,7 @@ train and exit soon after their last line, and refuse together a checkpoint one 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +30,46 @@ def two_agents(args_of_node, timeout: float = 600) -> tuple[list[int], list[str]
     return [e[0] for e in ended], [e[1] for e in ended], [e[2] for e in ended]
 
 
+# torch's own race (pytorch/pytorch#69520, open): when the agent that hosts the store is the last to
+# reach its exit barrier, it can exit before the other agent hears the barrier end; that agent then
+# logs this error and still exits 0. It happens after every worker has exited; the trainer cannot
+# touch it. 1 run in 10 here with both cores busy.
+EXIT_BARRIER_RACE = re.compile(
+    r"^\[W\S* \S* TCPStore\.cpp:\d+\] \[c10d\] recvValueWithTimeout failed.*?\n(?:(?:Exception raised|frame #|<omitting).*\n)*"
+    r"|^E\S* \S* \d+ \S*/elastic/agent/server/api\.py:(\d+)\] Error waiting on exit barrier.*\n(?:E\S* \S* \d+ \S*api\.py:\1\] .*\n)*",
+    re.MULTILINE,
+)
+
+
+def without_exit_barrier_race(output: str) -> str:
+    return EXIT_BARRIER_RACE.sub("", output)
+
+
+def test_the_exit_barrier_race_filter_removes_only_that_log():
+    race = (
+        "[W1207 13:01:30.792899623 TCPStore.cpp:138] [c10d] recvValueWithTimeout failed on SocketImpl(fd=3): Failed to recv\n"
+        "Exception raised from recvBytes at /__w/pytorch/torch/csrc/distributed/c10d/Utils.hpp:790 (most recent call first):\n"
+        "frame #0: c10::Error::Error() + 0x9d (0x7ff9bc4b460d in libc10.so)\n"
+        "<omitting python frames>\n"
+        "frame #34: _start + 0x21 (0x564bad7a6081 in python)\n"
+        "E1207 13:01:30.836000 24490 .venv/torch/distributed/elastic/agent/server/api.py:1008] Error waiting on exit barrier. Elapsed: 0.02 seconds\n"
+        "E1207 13:01:30.836000 24490 .venv/torch/distributed/elastic/agent/server/api.py:1008] Traceback (most recent call last):\n"
+        "E1207 13:01:30.836000 24490 .venv/torch/distributed/elastic/agent/server/api.py:1008] torch.distributed.DistNetworkError: Failed\n"
+    )
+    ours = "epoch 1/1 | loss 2.3\nTraceback (most recent call last):\n  File \"x.py\"\n"
+    assert without_exit_barrier_race(ours + race) == ours
+    assert without_exit_barrier_race(race + ours) == ours
+    assert without_exit_barrier_race(ours) == ours
+
+
 @pytest.mark.slow
 def test_two_torchrun_agents_train_then_refuse_a_checkpoint_one_machine_cannot_see(tiny_data, tmp_path):
     shared = tmp_path / "shared"
     recipe = ["--epochs", "1", "--limit-train-batches", "3"]
     codes, outputs, after_last_line = two_agents(lambda node: tiny_args(tiny_data, shared, *recipe))
     assert codes == [0, 0], outputs
-    assert not any("terminate called" in o or "Traceback" in o for o in outputs), outputs
+    ours = [without_exit_barrier_race(o) for o in outputs]
+    assert not any("terminate called" in o or "Traceback" in o for o in ours), outputs
     assert max(after_last_line) < 30, f"{after_last_line} s from the last line to the exit"  # no hang in teardown
     rows = [json.loads(line) for line in (shared / "mnist" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["num_processes"] == 2 and rows[0]["valid_seen"] == 1001
