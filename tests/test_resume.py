@@ -160,3 +160,34 @@ def test_resume_older_checkpoint_in_place_is_refused(run_main, tiny_data, tmp_pa
     )
     assert result.returncode == 2 and "--run-name" in result.stderr
     assert sorted(p.name for p in run.glob("step_*")) == sorted(p.name for p in unbroken_1proc.glob("step_*"))
+
+
+@pytest.mark.parametrize("src_nproc, dst_nproc", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_elastic_resume_with_a_batch_limit_trains_the_same_epochs(tiny_data, tmp_path, src_nproc, dst_nproc):
+    """--limit-train-batches 4 gives each epoch the samples of 4 steps of the run's first world size;
+    a resume on another number of processes trains those samples (in its own steps), and the LR
+    schedule goes on from where it was and ends on the last step. (Before, the limit was taken in
+    the new world's steps: 2->1 halved the epochs, 1->2 doubled them and the LR jumped.)"""
+    limit, per_step = 4, 64 * src_nproc
+    src = tmp_path / "src"
+    recipe = ["--epochs", "2", "--limit-train-batches", str(limit), "--save-every", "2", "--keep-last", "100"]
+    result = fork_trainer(tiny_args(tiny_data, src, *recipe), nproc=src_nproc)
+    assert result.returncode == 0, result.stderr
+    src = src / "mnist"
+    result = fork_trainer(["--data-dir", str(tiny_data), "--progress", "plain",
+                           *branch(src, 2, tmp_path, "elastic")], nproc=dst_nproc)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"resuming a {src_nproc}-process checkpoint on {dst_nproc} processes" in result.stderr
+    run = tmp_path / "elastic"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epoch_samples = limit * per_step
+    assert [r["train_samples"] for r in rows] == [epoch_samples, epoch_samples]
+    steps = 2 + (epoch_samples - 2 * per_step) // (64 * dst_nproc) + epoch_samples // (64 * dst_nproc)
+    assert rows[-1]["step"] == steps and [r["num_processes"] for r in rows] == [dst_nproc, dst_nproc]
+    lrs = [lr for line in (run / "curves.jsonl").read_text().splitlines() for lr in json.loads(line)["lr"]]
+    src_lrs = [lr for line in (src / "curves.jsonl").read_text().splitlines() for lr in json.loads(line)["lr"]]
+    assert len(lrs) == steps and lrs[:2] == src_lrs[:2]
+    # OneCycle rises to its peak (0.5) over the first 30% of the data; the resume comes at 25%.
+    assert src_lrs[1] < lrs[2] <= 0.5 and lrs[-1] == pytest.approx(0.5 / 25 / 1e4, rel=1e-9)
+    saved = json.loads((run / "step_{:07d}".format(steps) / "state.json").read_text())
+    assert saved["limit_samples"] == epoch_samples  # kept for the next resume, whatever its world size

@@ -130,8 +130,12 @@ class Trainer:
         set_seed(config.seed)
         if model is None and config.model not in MODELS:
             import_factory(config.model)  # a --model that cannot be imported fails before any data is read
+        # The samples --limit-train-batches gives an epoch: a resumed run keeps its checkpoint's.
+        self.limit_samples: int | None = None
         self._resume_from = self._find_resume_point(config.resume) if config.resume is not None else None
         self._setup_data(train_data, eval_data)
+        if config.limit_train_batches is not None and self._resume_from is None:
+            self.limit_samples = config.limit_train_batches * self.samples_per_step
         self._setup_model(model, class_names)
         self._setup_optimizer()
         self.lineage: dict[str, Any] | None = None  # where a run started with --init-from began
@@ -283,12 +287,11 @@ class Trainer:
 
     def _train_samples(self) -> int:
         """The samples an epoch covers: whole optimizer steps of every process (batch x processes x
-        accumulation), at most --limit-train-batches of them."""
+        accumulation) of the split, or of --limit-train-batches steps' worth of samples as the run
+        first counted them (so a resume on another number of processes trains the same epochs)."""
         per_step = self.samples_per_step
-        steps = self.train_size // per_step
-        if self.config.limit_train_batches is not None:
-            steps = min(steps, self.config.limit_train_batches)
-        return steps * per_step
+        limit = self.train_size if self.limit_samples is None else min(self.train_size, self.limit_samples)
+        return limit // per_step * per_step
 
     def _eval_images(self) -> int:
         """The images an evaluation covers: all, or the first --limit-eval-batches batches' worth."""
@@ -789,7 +792,8 @@ class Trainer:
         failure: BaseException | None = None
         if acc.is_main_process:
             try:
-                extra = {"world_size": self.num_processes, "mixed_precision": acc.mixed_precision,
+                extra = {"world_size": self.num_processes, "limit_samples": self.limit_samples,
+                         "mixed_precision": acc.mixed_precision,
                          "history": self.log.history, "curves": self.log.curves,
                          "data_digest": self.data.digest, "lineage": self.lineage}  # fmt: skip
                 metadata = state.model_metadata(self.architecture, self.factory, self.data, pos, self.history)
@@ -819,6 +823,7 @@ class Trainer:
                 + self._say("pass a new --run-name to branch from it", "pass a new run_name to branch from it")
             )
         saved = ckpt.read_state(folder)
+        self.limit_samples = saved["limit_samples"]
         state.check_recipe(folder, saved["config"], self.config,
                            self._say("--init-from starts a new run from its weights with a new recipe",
                                      "init_from= starts a new run from its weights with a new recipe"))  # fmt: skip

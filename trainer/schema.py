@@ -22,7 +22,7 @@ from trainer.errors import CheckpointError
 
 # 3: --ema's ema.safetensors, (loss, correct, gradient norm) per step, the recipe's new fields, the
 # lineage, no optimizer_other_state. docs/checkpoints.md says what changes bump it.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MODEL_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
@@ -122,6 +122,9 @@ STATE = {
     "epoch_time_before_s": SECONDS,
     "grad_scaler": (dict, None),
     "world_size": POSITIVE,
+    # The samples --limit-train-batches gives each epoch, fixed when the run starts (its steps times
+    # the first world size's samples per step), so that a resume on N processes trains the same epochs.
+    "limit_samples": (POSITIVE, None),
     "mixed_precision": Check(f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS),
     "history": [RECORD],
     "curves": [Map(Check("a curve's name", lambda v: isinstance(v, str)), (NATURAL, [NUMBER]))],
@@ -250,6 +253,10 @@ def check_state(folder: Path, state: Any) -> TrainConfig:
             f"{path}: samples_in_epoch {state['samples_in_epoch']} is not a whole number of optimizer steps of "
             f"{per_step} samples, or more than its {len(state['epoch_lrs'])} epoch_lrs"
         )
+    limit, per_batch = config.limit_train_batches, config.batch_size * config.grad_accum
+    if (state["limit_samples"] is None) != (limit is None) or (limit and state["limit_samples"] % (limit * per_batch)):
+        raise CheckpointError(f"{path}: limit_samples {state['limit_samples']} is not --limit-train-batches "
+                              f"{limit} steps of {per_batch} samples per process")  # fmt: skip
     if state["data_order"]["seed"] != config.seed:
         raise CheckpointError(f"{path}: data_order.seed {state['data_order']['seed']} is not config.seed")
     history = state["history"]

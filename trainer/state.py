@@ -148,7 +148,7 @@ def contents(
         "epoch_time_before_s": stats.time_before if mid_epoch else 0.0,
         # fp16's loss scale and its growth tracker (plain numbers): a resumed fp16 run scales as the unbroken one.
         "grad_scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-        **extra,  # world_size, mixed_precision, history, curves
+        **extra,  # world_size, limit_samples, mixed_precision, history, curves, data_digest, lineage
     }
     ema = {}
     if parts.ema is not None:  # the averaged weights and buffers, and how many updates they hold
