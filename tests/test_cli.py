@@ -93,6 +93,7 @@ def test_accelerate_launch_trains_and_a_sigterm_to_the_launcher_saves(tiny_data,
     assert records[0]["valid_seen"] == 1001 and records[0]["step"] == 24
     assert records[0]["valid_acc"] > 0.5  # the fake digits are easy; a broken loop stays near 0.1
     assert "SIGTERM received" in err and "--resume latest" in out
+    assert "Ctrl-C" not in err  # a second Ctrl-C stops at once; nobody pressed a first one
     assert "were not passed to `accelerate launch`" not in err  # the README's first command is quiet
     # The resume command starts the launcher as it was started, config file and all.
     hint = next(line for line in out.splitlines() if line.startswith("resume with: "))

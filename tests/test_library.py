@@ -459,3 +459,53 @@ def test_config_names_the_field_of_a_value_of_the_wrong_type():
     config = TrainConfig(output_dir=Path("runs"), epochs=np.int64(3), lr=np.float32(0.25))
     assert (config.output_dir, config.epochs, config.lr) == ("runs", 3, 0.25)
     assert (type(config.epochs), type(config.lr)) == (int, float)
+
+
+def test_a_trainer_never_fitted_yields_its_run_folder_to_the_next_one_in_the_process(tmp_path):
+    """A notebook: a cell that builds a Trainer, run twice. The second Trainer takes the folder from
+    the first, which was never fitted; fitting the first afterwards says why it cannot."""
+    first = Trainer(config(tmp_path), make_mlp(), vectors(), vectors(N_EVAL, seed=2))
+    second = Trainer(config(tmp_path), make_mlp(), vectors(), vectors(N_EVAL, seed=2))
+    assert len(second.fit()) == EPOCHS
+    with pytest.raises(ConfigError, match="closed when a later one took its run folder .*: fit that one"):
+        first.fit()
+    reset_accelerate()
+    lost = Trainer(config(tmp_path, "lost"), make_mlp(), vectors(), vectors(N_EVAL, seed=2))
+    del lost  # a Trainer nobody holds any more is collected, and its lock with it
+    import gc
+
+    gc.collect()
+    Trainer(config(tmp_path, "lost"), make_mlp(), vectors(), vectors(N_EVAL, seed=2)).close()
+
+
+def test_a_trainer_that_is_fitting_keeps_its_run_folder_from_another_in_the_process(tmp_path, capsys):
+    """fit() in a thread (a notebook's background job): it trains without signal handlers, says so,
+    and a second Trainer in the process cannot take the folder while it is fitting."""
+    import threading
+
+    reached, go = threading.Event(), threading.Event()
+
+    class Waits(nn.Module):  # its second forward waits until the test has tried the folder
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp, self.calls = make_mlp(), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 2:
+                reached.set()
+                assert go.wait(120)
+            return self.mlp(x)
+
+    fitting = Trainer(config(tmp_path, epochs=1), Waits(), vectors(), vectors(N_EVAL, seed=2))
+    thread = threading.Thread(target=fitting.fit)
+    thread.start()
+    try:
+        assert reached.wait(120)
+        with pytest.raises(ckpt.CheckpointError, match="in use by another Trainer in this process, which is fitting"):
+            Trainer(config(tmp_path, epochs=1), make_mlp(), vectors(), vectors(N_EVAL, seed=2))
+    finally:
+        go.set()
+        thread.join(120)
+    assert read_jsonl(tmp_path / "mlp" / "metrics.jsonl")[-1]["epoch"] == 1
+    assert "fit() runs outside the main thread, which alone receives signals" in capsys.readouterr().err

@@ -189,5 +189,5 @@ def test_elastic_resume_with_a_batch_limit_trains_the_same_epochs(tiny_data, tmp
     assert len(lrs) == steps and lrs[:2] == src_lrs[:2]
     # OneCycle rises to its peak (0.5) over the first 30% of the data; the resume comes at 25%.
     assert src_lrs[1] < lrs[2] <= 0.5 and lrs[-1] == pytest.approx(0.5 / 25 / 1e4, rel=1e-9)
-    saved = json.loads((run / "step_{:07d}".format(steps) / "state.json").read_text())
+    saved = json.loads((run / f"step_{steps:07d}" / "state.json").read_text())
     assert saved["limit_samples"] == epoch_samples  # kept for the next resume, whatever its world size

@@ -133,12 +133,18 @@ def all_finite(folder: Path) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(folder / ckpt.MODEL_NAME).values() if t.is_floating_point())
 
 
-def test_a_huge_lr_diverges_with_exit_3_and_no_checkpoint(run_main, tiny_data, tmp_path):
-    result = run_main(tiny_args(tiny_data, tmp_path, "--lr", "1e30", "--epochs", "2", "--limit-train-batches", "3"))
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_a_huge_lr_diverges_with_exit_3_and_no_checkpoint(run_main, tiny_data, tmp_path, precision):
+    args = ["--lr", "1e30", "--epochs", "2", "--limit-train-batches", "3", "--mixed-precision", precision]
+    result = run_main(tiny_args(tiny_data, tmp_path, *args))
     line = one_line_error(result, code=3)
     assert "training diverged: the training loss was nan at step 2" in line and "lower --lr (this run: 1e+30)" in line
-    assert "no checkpoint was written" in line
-    assert ckpt.list_checkpoints(tmp_path / "mnist") == [] and not (tmp_path / "mnist" / "best").exists()
+    assert "no checkpoint was written" in line and "clip gradients (--clip-grad-norm 1.0)" in line
+    # fp32 is advice only to a run that is not in it
+    assert line.endswith("or train in fp32 (this run: bf16)") if precision == "bf16" else "fp32" not in line
+    run = tmp_path / "mnist"
+    assert ckpt.list_checkpoints(run) == [] and not (run / "best").exists()
+    assert line.removeprefix("trainer: error: ") in (run / "run.log").read_text()  # the folder keeps what happened
 
 
 @pytest.mark.parametrize("save_every", [None, 2])

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import stat
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,17 +177,33 @@ class RunLock:
     stale; the file stays and names the last holder. Readers (evaluate, predict, plot) never lock.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    # The locks this process holds, by folder: a second Trainer on a folder asks the first to yield.
+    _held: weakref.WeakValueDictionary[str, RunLock] = weakref.WeakValueDictionary()
+
+    def __init__(self, run_dir: Path, yield_lock: Callable[[], None] | None = None) -> None:
+        """`yield_lock`, if given, is called when another lock in this process wants the folder: it
+        may release this lock (or keep it)."""
         self.path = run_dir / LOCK_NAME
         self._file: Any = None
         self._made_folder = False
+        self._yield_lock = yield_lock
 
     def acquire(self) -> None:
         import fcntl
         import socket
 
+        key = os.path.realpath(self.path)
+        other = RunLock._held.get(key)
+        if other is not None and other._file is not None and other._yield_lock is not None:
+            other._yield_lock()  # before this lock looks at the folder: yielding may remove it
         self._made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if other is not None and other._file is not None:
+            self._made_folder = False
+            raise CheckpointError(
+                f"run folder {self.path.parent} is in use by another Trainer in this process, which is fitting "
+                "it; wait for its fit() to end, or choose another run_name"
+            )
         file = open(self.path, "a+")  # noqa: SIM115 (held open as long as the lock)
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -206,6 +223,7 @@ class RunLock:
             file.close()
             raise
         self._file = file
+        RunLock._held[key] = self
 
     def release(self) -> None:
         """Closing the file releases the lock (so does the file's garbage collection, or the process's end).

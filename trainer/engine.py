@@ -18,6 +18,8 @@ import re
 import signal
 import sys
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,10 @@ class Trainer:
                       else "--no-channels-last"}  # fmt: skip
         self.channels_last, self._memory_format_why = chosen["channels_last"], chosen["why"]
         self.log = RunLog(self.accelerator, self.run_dir)
-        self._lock = ckpt.RunLock(self.run_dir)
+        # A later Trainer on this folder in this process (a notebook's cell run again) takes the lock
+        # from this one unless it is fitting (weakly: a lost Trainer is collected, and its lock with it).
+        self._lock = ckpt.RunLock(self.run_dir, _yield_of(self))
+        self._fitting, self._superseded = False, False
         self._prepared = False
         try:
             self._setup(model, train_data, eval_data, class_names)
@@ -359,6 +364,12 @@ class Trainer:
             self.model = self.module
             self.accelerator.free_memory()  # drops accelerate's references, then gc.collect()
 
+    def _yield_run_dir(self) -> None:
+        """A later Trainer in this process wants this run folder: one never fitted closes for it."""
+        if not self._fitting:
+            self._superseded = True
+            self.close()
+
     def __enter__(self) -> Trainer:
         return self
 
@@ -372,6 +383,11 @@ class Trainer:
         Every way out saves what it can: a stop signal (SIGTERM, SIGINT, SIGHUP) after the current
         step; an exception from the data or the model, on one process, the state after the last
         whole step. Then close() ends what the Trainer started."""
+        if self._superseded:
+            raise ConfigError(
+                f"this Trainer was closed when a later one took its run folder {self.run_dir}: fit that one"
+            )
+        self._fitting = True
         if self.position.epoch >= self.config.epochs:
             epochs = self.config.epochs
             self.report.line(f"run already complete ({epochs} epoch{'s' if epochs != 1 else ''}): {self.run_dir}")
@@ -671,9 +687,16 @@ class Trainer:
         last = self._last_saved
         kept = f"the last checkpoint, {last.name}, is finite" if last else "no checkpoint was written"
         epoch = record["epoch"] if record is not None else self.position.epoch + 1
-        raise Diverged(
-            f"training diverged: {what} (epoch {epoch}); {kept}; lower --lr (this run: {self.config.lr}) or use fp32"
-        )
+        cfg = self.config
+        advice = [self._say(f"lower --lr (this run: {cfg.lr})", f"lower lr (this run: {cfg.lr})")]
+        if cfg.clip_grad_norm is None:
+            advice.append(self._say("clip gradients (--clip-grad-norm 1.0)", "clip gradients (clip_grad_norm=1.0)"))
+        if self.accelerator.mixed_precision != "no":
+            advice.append(f"train in fp32 (this run: {self.accelerator.mixed_precision})")
+        message = f"training diverged: {what} (epoch {epoch}); {kept}; {', '.join(advice[:-1])}"
+        message += f" or {advice[-1]}" if len(advice) > 1 else advice[0]
+        self.log.note(f"error: {message}")  # run.log keeps what happened (and so the run folder stays)
+        raise Diverged(message)
 
     # ------------------------------------------------------------------ output
     def _announce(self) -> None:
@@ -873,6 +896,17 @@ class Trainer:
         self.log.write()
         if self.position.epoch < cfg.epochs:
             self.report.line(f"resumed from {folder} (step {self.position.step})")
+
+
+def _yield_of(trainer: Trainer) -> Callable[[], None]:
+    """The run lock's call to `trainer._yield_run_dir`, holding the Trainer weakly."""
+    ref = weakref.ref(trainer)
+
+    def yield_run_dir() -> None:
+        if (alive := ref()) is not None:
+            alive._yield_run_dir()
+
+    return yield_run_dir
 
 
 def _duration(seconds: float) -> str:

@@ -475,9 +475,19 @@ class StopSignals:
         self.previous: dict[int, Any] = {}
         self._wakeup: tuple[Any, Any] | None = None
         self._previous_fd = -1
+        self._installed = False
 
     def __enter__(self) -> StopSignals:
         global _early_signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main one
+            self.owner.report.warn(
+                "fit() runs outside the main thread, which alone receives signals: a Ctrl-C or SIGTERM will not "
+                "save this run (trainer.request_stop(signal.SIGTERM) from any thread does)"
+            )
+            return self
+        self._installed = True
         for sig in (*STOP_SIGNALS, *([self.owner.requeue_signal] if self.owner.requeue_signal else [])):
             self.previous[sig] = signal.signal(sig, self._handle)
         if _early_signal is not None:  # a warning during start-up: the first step is the one to stop after
@@ -515,12 +525,12 @@ class StopSignals:
                 raise KeyboardInterrupt
             return
         self.owner.request_stop(signum)
-        self.owner.report.warn(
-            f"{signal.Signals(signum).name} received: saving a checkpoint after this step "
-            "(press Ctrl-C again to stop at once)"
-        )
+        again = " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        self.owner.report.warn(f"{signal.Signals(signum).name} received: saving a checkpoint after this step{again}")
 
     def __exit__(self, *exc: Any) -> None:
+        if not self._installed:
+            return
         signal.set_wakeup_fd(self._previous_fd)
         if self._wakeup is not None:
             for end in self._wakeup:
