@@ -7,7 +7,7 @@ PATH is in torchvision's ImageFolder layout: PATH/train/<class>/*.png and PATH/t
 The images are read with torchvision's ImageFolder and its transforms, the way you would in any
 PyTorch script; trainer takes the model and the two Datasets and adds what it always does: exact
 metrics on any number of processes, a OneCycle schedule that ends on the last step, crash-safe
-checkpoints and a bitwise resume (run it again with --resume latest after a Ctrl-C). The same
+checkpoints and a bitwise resume (after a Ctrl-C, run the same command again: it continues). The same
 script runs under `torchrun --nproc_per_node 2 examples/image_folder_custom_model.py PATH --cpu`.
 
 (For the fastest path, `python -m trainer --dataset imagefolder:PATH` decodes the folder once
@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--output-dir", default="runs")
-    parser.add_argument("--resume", default=None, help="latest, or a checkpoint folder")
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (the default: continue the run folder's run if it has one), latest, or a checkpoint",
+    )
     parser.add_argument("--cpu", action="store_true", help="the CPU even with a GPU (gloo for several processes)")
     args = parser.parse_args(argv)
     if args.demo_folder:
@@ -97,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         history = trainer.fit()
     except Stopped as stop:  # Ctrl-C or SIGTERM: a checkpoint was saved after the current step
-        print(f"stopped; continue with --resume latest (checkpoint {stop.checkpoint})", file=sys.stderr)
+        print(f"stopped; run the same command again to continue (checkpoint {stop.checkpoint})", file=sys.stderr)
         return 128 + stop.signum
-    best = max(history, key=lambda r: r["valid_acc"])
-    print(f"best: epoch {best['epoch']}, {best['valid_correct']}/{best['valid_seen']} test images right")
+    if trainer.accelerator.is_main_process:  # once, not once per process under torchrun
+        best = max(history, key=lambda r: r["valid_acc"])
+        print(f"best: epoch {best['epoch']}, {best['valid_correct']}/{best['valid_seen']} test images right")
     return 0
 
 

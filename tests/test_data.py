@@ -33,6 +33,27 @@ def test_truncated_idx_file_is_a_data_error(tiny_data, tmp_path):
         load_split("mnist", tmp_path, train=False)
 
 
+def test_gzipped_idx_files_as_published_are_read_as_they_are(tiny_data, tmp_path, run_main):
+    """The .gz files of the data set's own site, not unpacked: read directly, offline; a broken one
+    is one line naming it."""
+    import gzip
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (tiny_data / "MNIST" / "raw").iterdir():
+        (raw / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+    for train in (True, False):
+        plain, packed = load_split("mnist", tiny_data, train), load_split("mnist", tmp_path, train, download=False)
+        assert torch.equal(plain.images, packed.images) and torch.equal(plain.labels, packed.labels)
+    result = run_main(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "runs"), "--epochs", "1",
+                       "--limit-train-batches", "1", "--batch-size", "64", "--progress", "plain"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    broken = raw / "t10k-labels-idx1-ubyte.gz"
+    broken.write_bytes(broken.read_bytes()[:30])
+    with pytest.raises(DataError, match=f"cannot read {broken}"):
+        load_split("mnist", tmp_path, train=False, download=False)
+
+
 def test_batches_are_fetched_whole_not_per_image(tiny_data, monkeypatch):
     split = load_split("mnist", tiny_data, train=True)
     calls = {"item": 0}

@@ -34,6 +34,9 @@ def test_the_image_folder_example_trains_resumes_and_runs_on_two_processes(tmp_p
     reset_accelerate()
     assert example.main([*args, "--resume", "latest"]) == 0  # a finished run stays finished
     assert "run already complete" in capsys.readouterr().out
+    reset_accelerate()
+    assert example.main(args) == 0  # the same command again: it continues the run (here: complete)
+    assert "run already complete" in capsys.readouterr().out
 
     two_args = [str(folder), "--epochs", "1", "--batch-size", "8", "--cpu", "--output-dir", str(tmp_path / "two")]
     two = fork_processes(two_args, nproc=2, target=example.main)
@@ -41,3 +44,4 @@ def test_the_image_folder_example_trains_resumes_and_runs_on_two_processes(tmp_p
     assert result.codes == [0, 0], two.read(0) + two.read(1)
     rows = [json.loads(line) for line in (tmp_path / "two" / "shapes" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["num_processes"] == 2 and rows[0]["valid_seen"] == 24 and rows[0]["step"] == 3  # 48 / (8 x 2)
+    assert two.read(0, "out").count("best: epoch 1,") == 1 and "best:" not in two.read(1, "out")

@@ -146,7 +146,8 @@ def test_evaluate_needs_only_the_test_split_and_never_downloads(tiny_run, tiny_d
     monkeypatch.setattr("torchvision.datasets.MNIST", lambda *a, **k: pytest.fail("evaluate tried to download"))
     assert evaluate.main([str(copied), "--cpu"]) == 2
     err = capsys.readouterr().err
-    assert "not found and not downloaded: put t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte in data/MNIST/raw" in err
+    files = "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (or each .gz)"
+    assert f"not found and not downloaded: put {files} in data/MNIST/raw" in err
 
 
 def test_evaluate_help_shows_each_default_once():

@@ -480,7 +480,8 @@ def test_a_trainer_never_fitted_yields_its_run_folder_to_the_next_one_in_the_pro
 
 def test_a_trainer_that_is_fitting_keeps_its_run_folder_from_another_in_the_process(tmp_path, capsys):
     """fit() in a thread (a notebook's background job): it trains without signal handlers, says so,
-    and a second Trainer in the process cannot take the folder while it is fitting."""
+    a second Trainer in the process cannot take the folder while it is fitting, and request_stop
+    from another thread stops it after the current step, saved."""
     import threading
 
     reached, go = threading.Event(), threading.Event()
@@ -497,15 +498,27 @@ def test_a_trainer_that_is_fitting_keeps_its_run_folder_from_another_in_the_proc
                 assert go.wait(120)
             return self.mlp(x)
 
-    fitting = Trainer(config(tmp_path, epochs=1), Waits(), vectors(), vectors(N_EVAL, seed=2))
-    thread = threading.Thread(target=fitting.fit)
+    fitting = Trainer(config(tmp_path), Waits(), vectors(), vectors(N_EVAL, seed=2))
+    ended: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            fitting.fit()
+        except BaseException as exc:  # noqa: BLE001 (the test looks at it)
+            ended.append(exc)
+
+    thread = threading.Thread(target=fit)
     thread.start()
     try:
         assert reached.wait(120)
         with pytest.raises(ckpt.CheckpointError, match="in use by another Trainer in this process, which is fitting"):
-            Trainer(config(tmp_path, epochs=1), make_mlp(), vectors(), vectors(N_EVAL, seed=2))
+            Trainer(config(tmp_path), make_mlp(), vectors(), vectors(N_EVAL, seed=2))
+        fitting.request_stop(signal.SIGTERM)
     finally:
         go.set()
         thread.join(120)
-    assert read_jsonl(tmp_path / "mlp" / "metrics.jsonl")[-1]["epoch"] == 1
+    assert len(ended) == 1 and isinstance(ended[0], Stopped), ended
+    assert ended[0].checkpoint == ckpt.find_latest(tmp_path / "mlp")  # mid-epoch 1: the step it was in, saved
+    assert ckpt.step_of(ended[0].checkpoint) < len(vectors()) // BATCH
+    ckpt.verify(ended[0].checkpoint)
     assert "fit() runs outside the main thread, which alone receives signals" in capsys.readouterr().err

@@ -11,6 +11,7 @@ exact counts, the (seed, epoch) order and the elastic resume hold for both paths
 from __future__ import annotations
 
 import contextlib
+import gzip
 import math
 import os
 import struct
@@ -167,19 +168,29 @@ def idx_folder(dataset: str, data_dir: str | os.PathLike, files: list[str] | tup
     """The folder that holds a built-in data set's IDX `files`, downloading the data set first when
     some are missing and `download` (and TRAINER_OFFLINE) allow it."""
     folder = raw_folder(dataset, data_dir)
-    if not all((folder / n).is_file() for n in files):
+    if not all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in files):
         if not download or os.environ.get(OFFLINE_ENV, "0") not in ("", "0"):
             raise DataError(_missing_message(dataset, folder, files))
         _download(dataset, data_dir, folder)
     return folder
 
 
+# The most an IDX file may hold once decompressed (MNIST's training images are 47 MB).
+MAX_IDX_BYTES = 2**31
+
+
 def read_idx(path: Path, ndim: int) -> Tensor:
-    """Reads an uncompressed uint8 IDX file (magic 0x0000080N, N big-endian uint32 sizes, then bytes)."""
+    """Reads a uint8 IDX file (magic 0x0000080N, N big-endian uint32 sizes, then bytes), or its
+    gzipped form `path.gz` (as the data sets are published) where `path` itself is not there."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if not path.is_file() and path.with_name(f"{path.name}.gz").is_file():
+            path = path.with_name(f"{path.name}.gz")
+            with gzip.open(path) as f:
+                data = f.read(MAX_IDX_BYTES + 1)
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError) as exc:  # gzip's own errors (a bad header, a truncated stream) are OSErrors
+        raise DataError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     header = 4 + 4 * ndim
     if len(data) < header or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
         raise DataError(f"{path} is not a uint8 IDX file with {ndim} dimension(s)")
@@ -204,7 +215,7 @@ def _download(dataset: str, data_dir: str | os.PathLike, folder: Path) -> None:
 
 
 def _missing_message(dataset: str, folder: Path, files: list[str] | tuple[str, ...]) -> str:
-    return f"{dataset} data not found and not downloaded: put {', '.join(files)} in {folder}"
+    return f"{dataset} data not found and not downloaded: put {', '.join(files)} (or each .gz) in {folder}"
 
 
 class TensorImages(Dataset):
