@@ -137,7 +137,7 @@ class TrainConfig:
     resume: str | None = _opt(
         None,
         "'latest' or a checkpoint folder to continue from; 'auto': the run folder's newest intact checkpoint if it "
-        "has one, else a fresh start (what a requeued job runs)",
+        "has one, else a fresh start, from --init-from's weights if given (what a requeued job runs)",
         "infra",
         path=True,
     )
@@ -232,9 +232,11 @@ class TrainConfig:
             if name not in ("USR1", "USR2", "NONE"):
                 raise ConfigError(f"--requeue-signal must be USR1, USR2 or none, got {self.requeue_signal!r}")
             object.__setattr__(self, "requeue_signal", name.lower() if name == "NONE" else name)
-        if self.init_from is not None and self.resume is not None:
+        # --resume auto with --init-from: a requeued job's script passes both; the run folder decides.
+        if self.init_from is not None and self.resume not in (None, "auto"):
             raise ConfigError(
-                "--init-from starts a new run from a checkpoint's weights, --resume continues one: pass one of them"
+                "--init-from starts a new run from a checkpoint's weights, --resume continues one: pass one of them "
+                "(or --resume auto: the run folder's newest checkpoint if it has one, else a start from --init-from)"
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
@@ -261,6 +263,11 @@ class TrainConfig:
             if not isinstance(stored, kind):  # refused, or a path of bytes
                 raise ConfigError(f"{f.name} (--{f.name.replace('_', '-')}) must be {words}, got {value!r}")
             object.__setattr__(self, f.name, stored)
+
+    def samples_per_step(self, processes: int) -> int:
+        """The samples of one optimizer step on `processes` processes together, the global batch:
+        batch size x processes x micro-batches (--grad-accum). The one place this product is made."""
+        return self.batch_size * processes * self.grad_accum
 
     @property
     def adam_betas(self) -> tuple[float, float]:

@@ -36,30 +36,31 @@ def new_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimize
 
 
 # ---------------------------------------------------------------- the LR schedule
-def new_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_units: int, per_step: int) -> Any:
+def new_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_units: int, processes: int) -> Any:
     """OneCycle (the blog's), or a cosine decay to 0 after `warmup_steps` of linear warm-up, over
-    `total_units`; `per_step` units (the processes) make one optimizer step."""
+    `total_units`; one optimizer step is `processes` units (a batch of each process)."""
     total_units = max(total_units, 2)
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=total_units, cycle_momentum=config.cycle_momentum
         )
-    warmup = config.warmup_steps * per_step
+    warmup = config.warmup_steps * processes
     last = total_units - 1  # where the last optimizer step begins: the cosine ends there
 
     def factor(unit: int) -> float:
         if unit < warmup:  # step k of the warm-up runs at lr * (k + 1) / warmup_steps
-            return (unit + per_step) / warmup
+            return (unit + processes) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (unit - warmup) / max(last - warmup, 1))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def rescaled_schedule(old: Any, optimizer: torch.optim.Optimizer, config: TrainConfig, units_left: int,
-                      per_step: int) -> Any:  # fmt: skip
+def rescaled_schedule(
+    old: Any, optimizer: torch.optim.Optimizer, config: TrainConfig, units_left: int, processes: int
+) -> Any:
     """Another world size: the units done are kept, the rest is sized to what remains now."""
     done = old.last_epoch
-    fresh = new_schedule(optimizer, config, done + units_left, per_step)
+    fresh = new_schedule(optimizer, config, done + units_left, processes)
     fresh.last_epoch = done - 1
     fresh._step_count = done
     fresh.step()  # sets the optimizer's LR (and OneCycle's momentum) for position `done`

@@ -244,7 +244,7 @@ def check_state(folder: Path, state: Any) -> TrainConfig:
         config = TrainConfig(**state["config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}: config: {exc} (the flag's name stands for the field)") from None
-    per_step = config.batch_size * state["world_size"] * config.grad_accum
+    per_step = config.samples_per_step(state["world_size"])
     if state["epoch"] > config.epochs or (state["epoch"] == config.epochs and state["samples_in_epoch"]):
         raise CheckpointError(f"{path}: epoch {state['epoch']} and sample {state['samples_in_epoch']} lie "
                                    f"beyond the run's {config.epochs} epochs")  # fmt: skip
@@ -253,7 +253,7 @@ def check_state(folder: Path, state: Any) -> TrainConfig:
             f"{path}: samples_in_epoch {state['samples_in_epoch']} is not a whole number of optimizer steps of "
             f"{per_step} samples, or more than its {len(state['epoch_lrs'])} epoch_lrs"
         )
-    limit, per_batch = config.limit_train_batches, config.batch_size * config.grad_accum
+    limit, per_batch = config.limit_train_batches, config.samples_per_step(1)
     if (state["limit_samples"] is None) != (limit is None) or (limit and state["limit_samples"] % (limit * per_batch)):
         raise CheckpointError(f"{path}: limit_samples {state['limit_samples']} is not --limit-train-batches "
                               f"{limit} steps of {per_batch} samples per process")  # fmt: skip
