@@ -4,7 +4,7 @@ run in the middle of a chosen step this way, whatever the machine's speed.
 
 A requeued Slurm job starts again with $SLURM_RESTART_COUNT = 1, 2, ...: $STALL_AT_STEP may list a
 step for each start ("15,27"), and start K > 0 uses reached-K and go-K. A start past the list does
-not stall."""
+not stall. In a Slurm job array, only task 0 stalls."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def blog_resnet(num_classes: int, in_channels: int) -> nn.Module:
     model = _blog_resnet(num_classes, in_channels)
     start = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     steps = os.environ.get("STALL_AT_STEP", "0").split(",")
-    at = int(steps[start]) if start < len(steps) else 0
+    at = int(steps[start]) if start < len(steps) and os.environ.get("SLURM_ARRAY_TASK_ID", "0") == "0" else 0
     folder, suffix, calls = Path(os.environ.get("STALL_DIR", ".")), f"-{start}" if start else "", [0]
 
     def wait_at_the_chosen_step(module: nn.Module, inputs: object) -> None:

@@ -97,3 +97,76 @@ def test_a_run_started_from_a_checkpoint_resumes_bitwise_and_keeps_its_lineage(p
                                                                                        "again")]) == 0  # fmt: skip
     assert_same_run(run, tmp_path / "again")
     assert state_of(tmp_path / "again")["lineage"] == state_of(run)["lineage"] is not None
+
+
+def test_resume_auto_with_init_from_starts_from_it_then_continues_its_own_checkpoint(
+    run_main, parent, tiny_data, tmp_path, monkeypatch
+):
+    """What a requeued Slurm job started from a checkpoint runs (--init-from P --resume auto): an
+    empty run folder starts from P's weights; stopped and started again with the same flags, the run
+    continues its own checkpoint, P is not applied again, and it ends bitwise equal to an unbroken
+    run from P, with P's lineage."""
+    import os
+    import shlex
+    import signal
+
+    from trainer import cli, engine
+
+    flags = ("--epochs", "2", "--limit-train-batches", "6", "--lr", "0.2")
+    unbroken = run_main([*tiny_args(tiny_data, tmp_path / "unbroken", *flags), "--init-from", str(parent)])
+    assert unbroken.returncode == 0, unbroken.stderr
+    args = [*tiny_args(tiny_data, tmp_path / "auto", *flags), "--init-from", str(parent), "--resume", "auto"]
+    real_input, calls = engine.model_input, []
+
+    def sigterm_in_the_eighth_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_input(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "model_input", sigterm_in_the_eighth_step)
+        first = run_main(args)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr
+    assert first.stdout.count("init from ") == 1 and "resumed from" not in first.stdout
+    run = tmp_path / "auto" / "mnist"
+    lineage = state_of(run)["lineage"]
+    assert lineage == state_of(tmp_path / "unbroken" / "mnist")["lineage"] is not None
+    # The printed command continues the run: --init-from, done already, is not in it.
+    advice = shlex.split(next(li for li in first.stdout.splitlines() if li.startswith("resume with: ")))
+    assert advice[2:5] == ["python", "-m", "trainer"] and "--init-from" not in advice
+    assert cli.parse_config(advice[5:]).resume == "latest"
+    # In Python too: TrainConfig(resume="auto", init_from=P) continues the run folder's checkpoint.
+    reset_accelerate()
+    config = TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path / "auto"), epochs=2, lr=0.2, batch_size=64,
+                         eval_batch_size=128, limit_train_batches=6, cpu=True, progress="plain", resume="auto",
+                         init_from=str(parent))  # fmt: skip
+    with Trainer(config) as trainer:
+        assert trainer.config.init_from is None and trainer.position.step == 8 and trainer.lineage == lineage
+    again = run_main(args)
+    assert again.returncode == 0, again.stderr
+    assert "init from " not in again.stdout and f"resumed from {run / 'step_0000008'} (step 8)" in again.stdout
+    assert_same_run(tmp_path / "unbroken" / "mnist", run)
+    assert state_of(run)["lineage"] == lineage
+
+
+def test_the_lineage_of_a_copied_weights_file_is_where_it_was_read_from_any_folder(
+    run_main, parent, tiny_data, tmp_path, monkeypatch, capsys
+):
+    """--init-from a model.safetensors copied out of its checkpoint, named relative to the working
+    folder: the lineage holds the absolute path of what was read, and evaluate, run from another
+    folder, names a path that exists."""
+    copied = tmp_path / "work" / "copied"
+    copied.mkdir(parents=True)
+    (copied / ckpt.MODEL_NAME).write_bytes((parent / "best" / ckpt.MODEL_NAME).read_bytes())
+    monkeypatch.chdir(tmp_path / "work")
+    result = run_main(tiny_args(tiny_data, tmp_path / "runs", "--epochs", "1", "--limit-train-batches", "2",
+                                "--init-from", f"copied/{ckpt.MODEL_NAME}"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lineage = state_of(tmp_path / "runs" / "mnist")["lineage"]
+    assert lineage["parent"] == str(copied / ckpt.MODEL_NAME) and Path(lineage["parent"]).is_file()
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert evaluate.main([str(tmp_path / "runs" / "mnist"), "--data-dir", str(tiny_data), "--cpu"]) == 0
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("started from "))
+    assert printed.startswith(f"started from {copied / ckpt.MODEL_NAME} (step ")

@@ -90,6 +90,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         from trainer.runtime import resume_auto
 
         values["resume"] = typed["resume"] = resume_auto(Path(values["output_dir"]) / TrainConfig(**values).name)
+        if values["resume"] is not None:  # a requeued job started --init-from: it continues its own checkpoint
+            values["init_from"] = None
+            typed.pop("init_from", None)
     if values["resume"] is not None:
         from trainer import checkpoint as ckpt  # torch, after the flags were settled
 

@@ -98,7 +98,9 @@ class Trainer:
         self.accelerator = accelerator or runtime.make_accelerator(config)
         if config.resume == "auto":  # the run folder's newest checkpoint if it has one, else a fresh start
             auto = runtime.resume_auto(Path(config.output_dir) / config.name)
-            self.config = config = dataclasses.replace(config, resume=auto)
+            # A requeued job started from --init-from resumes its own checkpoint (whose lineage it keeps).
+            init_from = config.init_from if auto is None else None
+            self.config = config = dataclasses.replace(config, resume=auto, init_from=init_from)
         self.requeue_signal = runtime.requeue_signal(config.requeue_signal)
         self.threads: tuple[int, str] | None = None
         if self.accelerator.device.type == "cpu" or config.threads is not None:
@@ -175,7 +177,7 @@ class Trainer:
     @property
     def samples_per_step(self) -> int:
         """The samples of one optimizer step, all processes together: batch x processes x --grad-accum."""
-        return self.config.batch_size * self.num_processes * self.config.grad_accum
+        return self.config.samples_per_step(self.num_processes)
 
     def _samples_per_step_parts(self) -> str:
         """samples_per_step's factors, for people: `32 per process x 2 processes x 2 micro-batches`."""
@@ -484,7 +486,7 @@ class Trainer:
         self.report.end_epoch()
         # The one sync of the epoch: every process's per-step loss and correct count (float32; the
         # sums are exact in double precision on the host).
-        summary = stats.summary(acc.gather(stats.mine()).cpu(), cfg.batch_size * cfg.grad_accum)
+        summary = stats.summary(acc.gather(stats.mine()).cpu(), cfg.samples_per_step(1))
         seconds = stats.time_before + time.perf_counter() - t0
         timed = summary["samples"] - untimed
         # An epoch whose only step was the warm-up has no timed step: no figure rather than a made-up one.
@@ -616,7 +618,9 @@ class Trainer:
         """The command line that continues this run, or in Python (no command line), the config."""
         if self.command_args is None:
             return 'the same script with TrainConfig(..., resume="latest")'
-        return runtime.resume_command(self.command_args)
+        # Inside a Slurm batch job, running the job again resumes it; one process asks Slurm how.
+        requeue = runtime.slurm_requeue_command(self.command_args) if self.accelerator.is_main_process else None
+        return requeue or runtime.resume_command(self.command_args)
 
     def _tell(self, text: str, error: bool = False) -> None:
         """A line for the person (stdout, or stderr for `error`) and for the run folder's run.log,
@@ -848,7 +852,8 @@ class Trainer:
         saved = ckpt.read_state(folder)
         self.limit_samples = saved["limit_samples"]
         state.check_recipe(folder, saved["config"], self.config,
-                           self._say("--init-from starts a new run from its weights with a new recipe",
+                           self._say("leave the flag out to continue it; a new run from its weights with a new recipe "
+                                     "takes another --run-name and --init-from",
                                      "init_from= starts a new run from its weights with a new recipe"))  # fmt: skip
         return folder
 

@@ -547,14 +547,14 @@ def resume_command(args: list[str] | None = None) -> str:
 
     args = list(sys.argv[1:] if args is None else args)
     cleaned, skip = [], False
-    for arg in args:
+    for arg in args:  # without --resume, and without --init-from, which a resumed run has done already
         if skip:
             skip = False
             continue
-        if arg == "--resume":
+        if arg in ("--resume", "--init-from"):
             skip = True
             continue
-        if arg.startswith("--resume="):
+        if arg.startswith(("--resume=", "--init-from=")):
             continue
         cleaned.append(arg)
     cleaned += ["--resume", "latest"]
@@ -568,6 +568,28 @@ def resume_command(args: list[str] | None = None) -> str:
     else:
         launcher = ["python", "-m", "trainer"]
     return shlex.join(launcher + cleaned)
+
+
+def slurm_requeue_command(args: list[str] | None) -> str | None:
+    """Inside a Slurm batch job whose trainer runs with --resume auto (the repository's scripts): the
+    command that runs the job again, its sbatch options and flags included, and so continues the run;
+    None elsewhere. (A one-process `python -m trainer` would be the wrong advice inside the job.)"""
+    import re
+    import subprocess
+
+    args, job = list(args or []), slurm_job()
+    auto = "--resume=auto" in args or any(a == "--resume" and b == "auto" for a, b in zip(args, args[1:]))
+    if not auto or job is None:
+        return None
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    command = re.search(r"\bCommand=(.+?) WorkDir=", shown.stdout)  # the script and its flags, as submitted
+    if re.search(r"\bBatchFlag=1\b", shown.stdout) is None or command is None:
+        return None  # an interactive allocation (salloc, srun alone) cannot be requeued
+    return (f"scontrol requeue {job} (the job runs its script again; --resume auto continues from the newest "
+            f"checkpoint), or as a new job: sbatch [the same sbatch options] {command.group(1)}")  # fmt: skip
 
 
 def check_trackers(names: list[str]) -> list[str]:
