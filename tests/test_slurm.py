@@ -236,7 +236,6 @@ def test_an_array_from_a_checkpoint_trains_a_run_per_task_and_a_cancelled_task_r
     done = lambda t: job_state(slurm, t) == "" and "done: 1 epoch" in output(tmp_path, t)  # noqa: E731
     wait_for(lambda: done(task0) and done(task1), timeout=300)
     text = output(tmp_path, task0)
-    print(text)
     saved = re.findall(r"stopped by SIGTERM; checkpoint saved: (\S+)", text)
     assert len(saved) == 1 and f"resumed from {saved[0]}" in text
     assert text.count("init from ") == 1 and output(tmp_path, task1).count("init from ") == 1
