@@ -96,7 +96,8 @@ def augment_padding(height: int, width: int) -> int:
 def augmentation_draws(n: int, seed: int, epoch: int, pad: int) -> Tensor:
     """Every sample's shift and flip for one epoch, [n, 3] (dy, dx, flip), a function of (seed,
     epoch, sample) alone: the same whatever the processes, workers or resumes."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7_919 + 17)
+    # Reduced to torch's seed range (a signed 64-bit number): seeds up to 2**32 - 1 would overflow it.
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 7_919 + 17) % 2**63)
     shifts = torch.randint(-pad, pad + 1, (n, 2), generator=g)
     flips = torch.randint(0, 2, (n, 1), generator=g)
     return torch.cat([shifts, flips], dim=1)
