@@ -24,10 +24,15 @@ def fresh_accelerate():
 
 
 def test_compare_runs_every_contender_and_writes_table_and_json(tiny_data, tmp_path, capsys):
+    """One invocation runs all three (the launched one is two interpreters): a precision flag, which
+    reaches both trainer contenders, and no memory-format flag, so that both follow the device's
+    rule (runtime.device_defaults) and say so. (Before, the in-process one got --channels-last and
+    the launched one the device's rule.)"""
+    from trainer import runtime
+
     out = tmp_path / "bench.json"
-    flags = ["--mixed-precision", "bf16", "--no-channels-last"]  # to the trainer contenders only
     args = ["--data-dir", str(tiny_data), "--device", "cpu", "--epochs", "1", "--rounds", "1", "--threads", "1"]
-    assert compare.main([*args, *flags, "--json", str(out)]) == 0
+    assert compare.main([*args, "--mixed-precision", "bf16", "--json", str(out)]) == 0  # to the trainers only
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["complete"] and report["schema_version"] == compare.SCHEMA_VERSION
@@ -35,16 +40,19 @@ def test_compare_runs_every_contender_and_writes_table_and_json(tiny_data, tmp_p
     for key in ("date", "cpu_model", "cpu_vendor", "cpu_count", "cpu_capability", "torch", "accelerate"):
         assert machine[key], key
     settings = report["settings"]
-    assert (settings["mixed_precision"], settings["channels_last"], settings["compile"]) == ("bf16", False, False)
+    assert (settings["mixed_precision"], settings["channels_last"], settings["compile"]) == ("bf16", None, False)
     runs = {name: rounds[0] for name, rounds in report["runs"].items()}
     assert set(runs) == set(compare.CONTENDERS) and all(r["complete"] and r["threads"] == 1 for r in runs.values())
     epoch = {name: r["epochs"][0] for name, r in runs.items()}
     # The README's command, launched with the same flags and threads: the in-process trainer's twin.
-    assert "--no-channels-last" in runs["launched"]["command"] and "--mixed-precision" in runs["launched"]["command"]
+    command = runs["launched"]["command"]
+    assert "--mixed-precision" in command and not {"--channels-last", "--no-channels-last"} & set(command)
+    rule = runtime.device_defaults(torch.device("cpu"))
+    expected = ("bf16", "no", "channels_last" if rule["channels_last"] else "contiguous", rule["why"])
+    keys = ("precision", "compile", "memory_format", "memory_format_why")
+    assert tuple(runs["trainer"][k] for k in keys) == tuple(runs["launched"][k] for k in keys) == expected
     launched, trainer, baseline = epoch["launched"], epoch["trainer"], epoch["baseline"]
     assert launched["mixed_precision"] == trainer["mixed_precision"] == "bf16"
-    for name in ("trainer", "launched"):
-        assert (runs[name]["memory_format"], runs[name]["memory_format_why"]) == ("contiguous", "--no-channels-last")
     for key in ("train_loss", "train_acc", "valid_correct"):
         assert launched[key] == pytest.approx(trainer[key], rel=1e-6), key
     # The blog's loop stays as the post wrote it (fp32); it drops the last partial batch of 512,
@@ -59,7 +67,8 @@ def test_compare_runs_every_contender_and_writes_table_and_json(tiny_data, tmp_p
     for name in ("trainer", "launched"):
         assert len(summary[name]["x_baseline"]["per_round"]) == 1
         assert f"{name} / baseline, seconds per epoch" in table
-    assert "x baseline" in table and "precision bf16" in table
+        assert f"{name} ran: precision bf16, compile no, memory format {expected[2]} ({rule['why']})" in table
+    assert "x baseline" in table and "precision bf16" in table and "memory format by the device's rule" in table
     # --show prints the saved table again.
     assert compare.main(["--show", str(out)]) == 0
     assert "launched / baseline, seconds per epoch" in capsys.readouterr().out
@@ -74,30 +83,37 @@ def test_compare_refuses_fp16_on_the_cpu_and_unknown_contenders(tiny_data, capsy
     assert "unknown contender(s) bare" in capsys.readouterr().err
 
 
-def test_without_flags_both_trainer_contenders_run_the_defaults_alike(tiny_data, tmp_path, capsys):
-    """No --mixed-precision, --compile or memory-format flag: the in-process and the launched
-    trainer run one configuration, the device's (runtime.device_defaults), and say so. (Before,
-    the in-process one got --channels-last and the launched one the device's rule.)"""
-    from trainer import runtime
+def test_a_memory_format_flag_or_none_reaches_both_trainer_contenders_alike(tiny_data, tmp_path, capsys):
+    """--no-channels-last reaches the in-process trainer (run here: it is cheap) and the launched
+    command, which the trainer's own parser reads as the same settings; with no flag, the launched
+    command names none, and gets the precision of the README's launch config ("no", the in-process
+    default) and the device's memory format. The launched command itself runs in the test above."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from trainer.cli import parse_config
 
     out = tmp_path / "bench.json"
     args = ["--data-dir", str(tiny_data), "--device", "cpu", "--epochs", "1", "--rounds", "1", "--threads", "1"]
-    assert compare.main([*args, "--contenders", "trainer,launched", "--json", str(out)]) == 0
+    assert compare.main([*args, "--contenders", "trainer", "--no-channels-last", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["settings"]["channels_last"] is None
-    runs = {name: rounds[0] for name, rounds in report["runs"].items()}
-    assert not {"--channels-last", "--no-channels-last"} & set(runs["launched"]["command"])
-    rule = runtime.device_defaults(torch.device("cpu"))
-    expected = ("no", "no", "channels_last" if rule["channels_last"] else "contiguous", rule["why"])
+    assert (report["settings"]["mixed_precision"], report["settings"]["channels_last"]) == ("no", False)
     keys = ("precision", "compile", "memory_format", "memory_format_why")
-    assert tuple(runs["trainer"][k] for k in keys) == tuple(runs["launched"][k] for k in keys) == expected
-    assert {r["epochs"][0]["mixed_precision"] for r in runs.values()} == {"no"}
-    for name in ("trainer", "launched"):
-        assert f"{name} ran: precision no, compile no, memory format {expected[2]} ({rule['why']})" in table
-    assert "memory format by the device's rule" in table
-    # A flag is named in the launched command (the in-process TrainConfig's: the test above).
+    ran = report["runs"]["trainer"][0]
+    assert tuple(ran[k] for k in keys) == ("no", "no", "contiguous", "--no-channels-last")
+    assert ran["epochs"][0]["mixed_precision"] == "no"
+    assert "trainer ran: precision no, compile no, memory format contiguous (--no-channels-last)" in table
+    assert "memory format --no-channels-last" in table
+    launch_config = load_config_from_file(str(REPO / compare.LAUNCH_CONFIG))  # what accelerate launch hands on
     settings = compare.Settings(str(tiny_data), "cpu", 1, "no", False, None, 1)
-    for flag, value in (("--channels-last", True), ("--no-channels-last", False)):
-        command = compare.launch_command(dataclasses.replace(settings, channels_last=value), str(tmp_path))
-        assert {"--channels-last", "--no-channels-last"} & set(command) == {flag}
+    for precision, channels_last, flag in (("no", None, set()), ("no", False, {"--no-channels-last"}),
+                                           ("bf16", True, {"--channels-last"})):  # fmt: skip
+        s = dataclasses.replace(settings, mixed_precision=precision, channels_last=channels_last)
+        command = compare.launch_command(s, str(tmp_path))
+        assert {"--channels-last", "--no-channels-last"} & set(command) == flag
+        config = parse_config(command[command.index("trainer") + 1 :])
+        assert (config.mixed_precision or launch_config.mixed_precision, config.channels_last) == (
+            precision,
+            channels_last,
+        )
+        assert (config.threads, config.epochs, config.compile) == (1, 1, False)

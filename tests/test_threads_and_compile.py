@@ -56,6 +56,19 @@ def test_the_trainer_sets_and_shows_its_threads(run_main, tiny_data, tmp_path):
 MODEL = "helpers.models:small_cnn"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _vector_isa_from_the_cpu_flags():
+    """inductor picks its vector ISA from the CPU's flags, then dry-compiles and loads a program
+    for each one the flags name (four g++ builds and loader processes, 6 of the 13 s of the
+    compilation here), once per cache folder: the suite's is new each session. That checks the
+    machine's compiler, not the trainer: here the flags are trusted (the same ISA is picked)."""
+    import torch._inductor.config
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch._inductor.config.cpp, "vec_isa_ok", True)
+        yield
+
+
 @pytest.fixture(scope="module")
 def compiled_run(tiny_data, tmp_path_factory):
     """2 epochs of 6 steps with --compile (inductor on the CPU), a checkpoint every 4 steps; a small
