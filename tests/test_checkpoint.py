@@ -158,7 +158,7 @@ def test_failed_save_leaves_no_partial_folder_and_keeps_the_previous(run_main, t
     from trainer import TrainConfig, Trainer, engine
 
     config = TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), batch_size=64, eval_batch_size=128,
-                         epochs=3, limit_train_batches=3, cpu=True, progress="plain")  # fmt: skip
+                         epochs=3, limit_train_batches=3, cpu=True, progress="plain", val_split=0)  # fmt: skip
     trainer = Trainer(config)
     calls = {"n": 0}
     real_save = ckpt.save
@@ -283,7 +283,7 @@ def test_two_ctrl_c_during_one_long_step_mean_now(tiny_data, tmp_path):
 
     reset_accelerate()
     trainer = Trainer(TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), epochs=1, limit_train_batches=1,
-                                  batch_size=64, cpu=True, progress="plain"))  # fmt: skip
+                                  batch_size=64, cpu=True, progress="plain", val_split=0))  # fmt: skip
     try:
         with _StopSignals(trainer) as signals:
             signals._wakeup[1].send(bytes([signal.SIGINT, signal.SIGINT]))

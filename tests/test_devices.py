@@ -40,7 +40,7 @@ class OpRecorder(TorchDispatchMode):
 
 
 def config(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data), output_dir=str(out), batch_size=64, eval_batch_size=128, epochs=2,
+    base = dict(data_dir=str(data), output_dir=str(out), batch_size=64, eval_batch_size=128, epochs=2, val_split=0,
                 limit_train_batches=4, cpu=True, progress="plain")  # fmt: skip
     return TrainConfig(**{**base, **kw})
 

@@ -32,7 +32,8 @@ def state_of(run: Path) -> dict:
 def test_a_new_run_starts_from_the_weights_with_its_own_recipe(parent, tiny_data, tmp_path):
     reset_accelerate()
     config = TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), run_name="longer", epochs=3, lr=0.1,
-                         batch_size=64, cpu=True, progress="plain", init_from=str(parent / "best"))  # fmt: skip
+                         batch_size=64, cpu=True, progress="plain", init_from=str(parent / "best"),
+                         val_split=0)  # fmt: skip
     trainer = Trainer(config)
     theirs = load_file(parent / "best" / ckpt.MODEL_NAME)
     mine = trainer.module.state_dict()
@@ -79,7 +80,8 @@ def test_another_number_of_classes_gets_a_fresh_classifier(run_main, parent, tmp
 def test_another_architecture_or_input_shape_is_one_line(run_main, parent, tmp_path, extra, fragment):
     rgb = write_folder(tmp_path / "colour", (28, 28), rgb=True)
     args = ["--data-dir", str(parent.parent.parent / "unused"), "--output-dir", str(tmp_path / "runs"), "--epochs",
-            "1", "--batch-size", "8", "--cpu", "--progress", "plain", "--init-from", str(parent / "best")]  # fmt: skip
+            "1", "--batch-size", "8", "--cpu", "--progress", "plain", "--init-from", str(parent / "best"),
+            "--val-split", "0"]  # fmt: skip
     if "--model" in extra:
         args[1] = str(Path(json.loads((ckpt.find_latest(parent) / ckpt.STATE_NAME).read_text())["config"]["data_dir"]))
     result = run_main([*args, *(e.format(rgb=rgb) for e in extra)])
@@ -140,7 +142,7 @@ def test_resume_auto_with_init_from_starts_from_it_then_continues_its_own_checkp
     reset_accelerate()
     config = TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path / "auto"), epochs=2, lr=0.2, batch_size=64,
                          eval_batch_size=128, limit_train_batches=6, cpu=True, progress="plain", resume="auto",
-                         init_from=str(parent))  # fmt: skip
+                         init_from=str(parent), val_split=0)  # fmt: skip
     with Trainer(config) as trainer:
         assert trainer.config.init_from is None and trainer.position.step == 8 and trainer.lineage == lineage
     again = run_main(args)

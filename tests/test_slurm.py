@@ -107,8 +107,8 @@ def submit(slurm: dict[str, str], out: Path, tiny_data: Path, *sbatch: str, stal
     lists for each start (counted from the start: see tests/stall.py) until the test says go."""
     env = {**cli_env(), **slurm, "PYTHON": shutil.which("python") or "python3", "PYTHONPATH": str(REPO / "tests"),
            "STALL_AT_STEP": stall_at, "STALL_DIR": str(out)}  # fmt: skip
-    args = ["--data-dir", str(tiny_data), "--output-dir", str(out), "--batch-size", "64", "--epochs", "3",
-            "--progress", "plain", "--model", "stall:blog_resnet", *more]  # fmt: skip
+    args = ["--data-dir", str(tiny_data), "--val-split", "0", "--output-dir", str(out), "--batch-size", "64",
+            "--epochs", "3", "--progress", "plain", "--model", "stall:blog_resnet", *more]  # fmt: skip
     cmd = ["sbatch", "--parsable", f"--output={out}/{output}", *sbatch, str(SCRIPT), *args]
     return subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -150,8 +150,8 @@ def release(slurm: dict[str, str], job: str, out: Path, times: int, *update: str
 def unbroken(tiny_data, tmp_path_factory) -> Path:
     """The same run, never stopped: 2 processes, without Slurm."""
     out = tmp_path_factory.mktemp("unbroken-slurm")
-    args = ["--data-dir", str(tiny_data), "--output-dir", str(out), "--batch-size", "64", "--epochs", "3",
-            "--progress", "plain"]  # fmt: skip
+    args = ["--data-dir", str(tiny_data), "--val-split", "0", "--output-dir", str(out), "--batch-size", "64",
+            "--epochs", "3", "--progress", "plain"]  # fmt: skip
     assert fork_trainer(args, nproc=2).returncode == 0
     return out / "mnist"
 
@@ -198,8 +198,9 @@ def test_a_job_preempted_then_warned_of_its_time_limit_ends_as_an_unbroken_run(s
 def parent(tiny_data, tmp_path_factory) -> Path:
     """A finished run of the stall model (1 epoch of 2 steps): the checkpoint jobs start from."""
     out = tmp_path_factory.mktemp("parent-slurm")
-    args = ["--data-dir", str(tiny_data), "--output-dir", str(out), "--batch-size", "64", "--epochs", "1",
-            "--limit-train-batches", "2", "--progress", "plain", "--model", "stall:blog_resnet"]  # fmt: skip
+    args = ["--data-dir", str(tiny_data), "--val-split", "0", "--output-dir", str(out), "--batch-size", "64",
+            "--epochs", "1", "--limit-train-batches", "2", "--progress", "plain",
+            "--model", "stall:blog_resnet"]  # fmt: skip
     assert main_in_process(args) == 0
     return out / "mnist"
 

@@ -19,7 +19,8 @@ from trainer.runtime import catch_early_warnings
 # run folder is the checkpoint's own unless --run-name branches off; see parse_config).
 NOT_RESUMED = ("resume", "init_from", "cpu", "progress", "output_dir", "run_name", "mixed_precision", "threads",
                "requeue_signal")  # fmt: skip
-GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "data": "data and evaluation", "infra": "infrastructure"}
+GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "selection": "model selection (decides best and the end)",
+                "data": "data and evaluation", "infra": "infrastructure"}  # fmt: skip
 
 
 def _flag_type(annotation: str) -> type:
@@ -38,7 +39,8 @@ METAVARS = {
     "threads": "N",
     "model": "NAME|MODULE:FN", "dataset": "NAME|imagefolder:PATH", "image_size": "N|HxW", "num_workers": "N",
     "weight_decay": "W", "betas": "B1,B2", "warmup_steps": "N", "grad_accum": "K", "clip_grad_norm": "X",
-    "label_smoothing": "X", "ema": "DECAY",
+    "label_smoothing": "X", "ema": "DECAY", "val_split": "N|FRACTION", "early_stop": "N", "min_delta": "X",
+    "stop_at": "TARGET",
 }  # fmt: skip
 
 

@@ -23,6 +23,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 MODEL_NAMES = ("blog_resnet",)  # trainer.model.MODELS, named here so the CLI needs no torch
 # `--model package.module:factory`
 FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+# What `best` and early stopping follow; --stop-at's targets (the EMA's with --ema: `valid_acc_ema`).
+MONITORS = ("valid_acc", "valid_loss")
+TARGET_PATTERN = re.compile(r"\s*(valid_(?:acc|loss)(?:_ema)?)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*")
+# --val-split's default for the built-in data sets (the 5,000 of Lightning's MNIST examples); an image
+# folder holds none out by default (its val/ or test/ validates).
+DEFAULT_VAL_SPLIT = 5000
 # The data set of a run whose data was given in Python (Trainer(..., train_data=...)).
 CUSTOM_DATA = "custom"
 
@@ -95,6 +101,27 @@ class TrainConfig:
     limit_train_batches: int | None = _opt(
         None, "train on at most N optimizer steps per epoch (the LR schedule is sized to it)", "recipe"
     )
+
+    # --- model selection ---
+    val_split: float | None = _opt(
+        None,
+        "validation images held out of the training split (stratified, seeded): N, or a fraction; 0 validates on "
+        "the test split (the blog's way). Default: 5000 for the built-in data sets, none for an image folder",
+        "selection",
+    )
+    monitor: str = _opt(
+        "valid_acc", "what `best` and --early-stop follow: valid_acc (highest) or valid_loss (lowest)", "selection",
+        choices=MONITORS,
+    )  # fmt: skip
+    early_stop: int | None = _opt(
+        None, "end the run after N evaluations without an improvement of --monitor by more than --min-delta",
+        "selection",
+    )  # fmt: skip
+    min_delta: float = _opt(0.0, "--early-stop: the least change that counts as an improvement", "selection")
+    stop_at: str | None = _opt(
+        None, "end the run once an evaluation meets this target, e.g. 'valid_acc>=0.99' (time to it is recorded)",
+        "selection",
+    )  # fmt: skip
 
     # --- data and evaluation ---
     data_dir: str = _opt("./data", "folder holding (or receiving) the torchvision data sets", "data", path=True)
@@ -244,6 +271,44 @@ class TrainConfig:
             raise ConfigError(f"--image-size applies to image folders (--dataset imagefolder:PATH), not {self.dataset}")
         if self.compile_mode is not None and not self.compile:
             raise ConfigError("--compile-mode needs --compile")
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        if self.val_split is not None and not (
+            0 <= self.val_split < 1 or (1 <= self.val_split < 2**63 and self.val_split == int(self.val_split))
+        ):
+            raise ConfigError(f"--val-split must be a number of images (N >= 0) or a fraction in (0, 1), got "
+                              f"{self.val_split}")  # fmt: skip
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"--monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise ConfigError(f"--early-stop must be at least 1 evaluation, got {self.early_stop}")
+        if not 0 <= self.min_delta < math.inf:
+            raise ConfigError(f"--min-delta must be a number of at least 0, got {self.min_delta}")
+        if self.min_delta and self.early_stop is None:
+            raise ConfigError("--min-delta belongs to --early-stop")
+        if self.stop_at is not None:
+            self.target  # noqa: B018 (parses it)
+
+    @property
+    def target(self) -> tuple[str, str, float] | None:
+        """--stop-at as (metric, comparison, value), e.g. ("valid_acc", ">=", 0.99); None without it."""
+        if self.stop_at is None:
+            return None
+        found = TARGET_PATTERN.fullmatch(self.stop_at)
+        try:
+            value = float(found.group(3)) if found else math.nan
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"--stop-at must be METRIC>=VALUE (or <=, >, <) with METRIC valid_acc or valid_loss (or their _ema), "
+                f"e.g. 'valid_acc>=0.99', got {self.stop_at!r}"
+            )
+        metric = found.group(1)
+        if metric.endswith("_ema") and self.ema is None:
+            raise ConfigError(f"--stop-at {metric} needs --ema")
+        return metric, found.group(2), value
 
     def _check_types(self) -> None:
         """Every field holds its declared type, stored as the built-in one: any integer (numpy's too) for an
@@ -297,15 +362,17 @@ class TrainConfig:
         return self.dataset
 
     def placed(self, custom_data: bool = False, resumed_run: str | None = None) -> TrainConfig:
-        """This config with absolute paths (a resume never depends on the working directory); when
-        it resumes a checkpoint by path without naming a run, that checkpoint's own run folder
-        (`resumed_run`)."""
+        """This config with absolute paths (a resume never depends on the working directory), the
+        data set's --val-split default as a number, and, when it resumes a checkpoint by path
+        without naming a run, that checkpoint's own run folder (`resumed_run`)."""
         changes: dict[str, Any] = {
             "data_dir": os.path.abspath(self.data_dir),
             "output_dir": os.path.abspath(self.output_dir),
         }
         if custom_data:
             changes["dataset"] = CUSTOM_DATA
+        elif self.val_split is None:  # the data set's default, as a number the checkpoint records
+            changes["val_split"] = float(DEFAULT_VAL_SPLIT if self.dataset in DATASETS else 0)
         elif self.dataset.startswith("imagefolder:"):
             changes["dataset"] = "imagefolder:" + os.path.abspath(self.dataset.split(":", 1)[1])
             changes["run_name"] = self.name

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from trainer.config import DEFAULT_VAL_SPLIT
 from trainer.errors import DataError, first_line
 from trainer.imagefolder import image_folder_path, load_image_folder
 from trainer.runtime import cores, local_processes
@@ -60,13 +61,20 @@ class Split:
         return self.images[index], self.labels[index]
 
 
+# What a run's validation split is (DataSource.validation): images held out of the training split,
+# an image folder's val/, the eval_data given in Python, or the test split itself (--val-split 0).
+HELD_OUT, VAL_FOLDER, EVAL_DATA, TEST_SPLIT = "held-out", "val", "eval_data", "test"
+
+
 @dataclass(frozen=True)
 class DataSource:
-    """What a run trains and evaluates on, and what a checkpoint records about it."""
+    """What a run trains, validates and tests on, and what a checkpoint records about it."""
 
     name: str  # "mnist", "imagefolder:/abs/path" or "custom" (data given in Python)
     train: Split | Dataset
-    test: Split | Dataset
+    valid: Split | Dataset  # what `best` and early stopping look at; the test split itself when validation=test
+    test: Split | Dataset | None  # scored once, at the end, on `best`; None: no test data (given in Python)
+    validation: str  # HELD_OUT, VAL_FOLDER, EVAL_DATA or TEST_SPLIT
     class_names: tuple[str, ...] | None  # None: "0".."C-1", C from the model's output
     input_shape: tuple[int, ...]  # one input, e.g. (1, 28, 28)
     normalization: dict[str, float] | None  # for uint8 pixels; None: inputs go to the model as they are
@@ -74,13 +82,15 @@ class DataSource:
     digest: str | None = None  # an image folder's contents (its cache key)
 
 
-def user_source(train: Dataset, test: Dataset) -> DataSource:
+def user_source(train: Dataset, valid: Dataset, test: Dataset | None = None) -> DataSource:
     """Data given in Python, checked on its first sample: (input tensor, int label) pairs; uint8
     images channels first. The sample is read with the generators seeded and given back, so a
     Dataset that augments does not move the run's random state."""
     from torch.utils.data import IterableDataset
 
-    for name, data in (("train_data", train), ("eval_data", test)):
+    for name, data in (("train_data", train), ("eval_data", valid), ("test_data", test)):
+        if data is None:
+            continue
         try:
             size = len(data)
             if isinstance(data, IterableDataset):  # it may have a length, but it cannot be read by index
@@ -100,28 +110,76 @@ def user_source(train: Dataset, test: Dataset) -> DataSource:
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"train_data[0] must be (input tensor, int label): {first_line(exc)}") from None
     del label
-    train, test = as_split(train), as_split(test)
+    train, valid, test = as_split(train), as_split(valid), None if test is None else as_split(test)
     shape = input_shape_of(train) if isinstance(train, Split) else tuple(example.shape)
     if example.dtype == torch.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4):
         raise DataError(
             f"uint8 images must be channels first [C, H, W]; these look like [H, W, C] {list(shape)}: permute them"
         )
     normalization = NORMALIZATION if example.dtype == torch.uint8 else None  # pixels are scaled as MNIST's
-    return DataSource("custom", train, test, None, shape, normalization, example)
+    return DataSource("custom", train, valid, test, EVAL_DATA, None, shape, normalization, example)
 
 
-def named_source(dataset: str, data_dir: str | os.PathLike, image_size: tuple[int, int] | None, say: Any) -> DataSource:
-    """A built-in data set (mnist, fashion-mnist, kmnist) or `imagefolder:PATH`, as tensors."""
+def named_source(
+    dataset: str,
+    data_dir: str | os.PathLike,
+    image_size: tuple[int, int] | None,
+    say: Any,
+    val_split: float = 0,
+    seed: int = 0,
+) -> DataSource:
+    """A built-in data set (mnist, fashion-mnist, kmnist) or `imagefolder:PATH`, as tensors, with
+    its validation split: `val_split` images held out of the training split (see `held_out_count`)."""
     folder = image_folder_path(dataset)
     if folder is not None:
         (train_images, train_labels), (test_images, test_labels), names, digest = load_image_folder(
             folder, data_dir, image_size, say
         )
         train, test = Split(train_images, train_labels), Split(test_images, test_labels)
-        return DataSource(dataset, train, test, names, input_shape_of(train), NORMALIZATION, digest=digest)
-    idx_folder(dataset, data_dir, IDX_FILES, download=True)  # training needs both splits: name every missing file
-    train, test = load_split(dataset, data_dir, train=True), load_split(dataset, data_dir, train=False)
-    return DataSource(dataset, train, test, DATASET_INFO[dataset][1], input_shape_of(train), NORMALIZATION)
+    else:
+        idx_folder(dataset, data_dir, IDX_FILES, download=True)  # training needs both splits: name every missing file
+        train, test = load_split(dataset, data_dir, train=True), load_split(dataset, data_dir, train=False)
+        names, digest = DATASET_INFO[dataset][1], None
+    shape, count = input_shape_of(train), held_out_count(val_split, len(train))
+    if count == 0:
+        return DataSource(dataset, train, test, test, TEST_SPLIT, names, shape, NORMALIZATION, digest=digest)
+    train, valid = hold_out(train, count, seed)
+    return DataSource(dataset, train, valid, test, HELD_OUT, names, shape, NORMALIZATION, digest=digest)
+
+
+def held_out_count(val_split: float, n_train: int) -> int:
+    """--val-split as a number of training images: N itself, or a fraction of the split (rounded).
+    It must leave some training images; 0 means that validation is the test split."""
+    given = " (the built-in data sets' default)" if val_split == DEFAULT_VAL_SPLIT else ""
+    count = round(val_split * n_train) if 0 < val_split < 1 else int(val_split)
+    if count >= n_train:
+        raise DataError(
+            f"--val-split {val_split:g}{given} holds out {count} images, and the training split has {n_train}: pass "
+            "a smaller N, a fraction (0.1), or 0 to validate on the test split"
+        )
+    return count
+
+
+def hold_out(split: Split, count: int, seed: int) -> tuple[Split, Split]:
+    """Splits `count` images off `split` for validation, stratified by class: each class gives its
+    share (largest remainders settle the rounding, ties to the lower class), chosen by a generator
+    seeded with `seed` alone, so every process and every resume holds out the same images. Both
+    parts keep the split's order."""
+    labels = split.labels
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    sizes = torch.bincount(labels, minlength=classes)
+    exact = sizes.double() * count / len(labels)
+    quota = exact.floor().long()
+    left = count - int(quota.sum())
+    if left:  # the largest fractional parts get one more (a stable sort: ties go to the lower class)
+        order = torch.sort(exact - quota, descending=True, stable=True).indices
+        quota[order[:left]] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.zeros(len(labels), dtype=torch.bool)
+    for k in range(classes):
+        members = torch.nonzero(labels == k).flatten()
+        chosen[members[torch.randperm(len(members), generator=g)[: int(quota[k])]]] = True
+    return Split(split.images[~chosen], labels[~chosen]), Split(split.images[chosen], labels[chosen])
 
 
 def input_shape_of(data: Split | Dataset) -> tuple[int, ...]:

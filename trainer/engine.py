@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from trainer import checkpoint as ckpt
-from trainer import recipe, runtime, schema, state
+from trainer import recipe, runtime, schema, selection, state
 from trainer.config import CUSTOM_DATA, ConfigError, TrainConfig
 from trainer.console import Reporter
 from trainer.data import (
+    TEST_SPLIT,
     check_labels,
     make_loader,
     model_input,
@@ -41,7 +42,7 @@ from trainer.data import (
     user_source,
 )
 from trainer.errors import first_line
-from trainer.evaluation import EvalResult, evaluate_model
+from trainer.evaluation import EvalResult, evaluate_model, load_weights
 from trainer.imagefolder import parse_image_size
 from trainer.model import MODELS, build_model, import_factory, output_classes
 from trainer.runlog import RunLog
@@ -70,7 +71,9 @@ class Trainer:
     `Trainer(TrainConfig(epochs=10)).fit()` is the recipe. `model`, `train_data` and `eval_data`
     bring your own: any nn.Module that maps a batch of inputs to logits [B, C], and map-style
     Datasets of (input tensor, int label) (a TensorDataset keeps the fast path of tensors).
-    Raises ConfigError / CheckpointError on user errors, Stopped after a signal-triggered save.
+    `eval_data` is the validation split (`best`, early stopping); `test_data`, if given, is scored
+    once, on `best`, when the run ends. Raises ConfigError / CheckpointError on user errors,
+    Stopped after a signal-triggered save.
     """
 
     def __init__(
@@ -82,9 +85,15 @@ class Trainer:
         class_names: list[str] | tuple[str, ...] | None = None,
         accelerator: Any = None,
         command_args: list[str] | None = None,
+        test_data: Dataset | None = None,
     ) -> None:
         if (train_data is None) != (eval_data is None):
             raise ConfigError("pass both train_data and eval_data, or neither (then config.dataset is used)")
+        if test_data is not None and train_data is None:
+            raise ConfigError("test_data goes with train_data and eval_data; a built-in data set has its own")
+        if train_data is not None and config.val_split is not None:
+            raise ConfigError("val_split holds images out of a built-in data set or image folder; with train_data, "
+                              "eval_data is the validation split (and test_data the test split)")  # fmt: skip
         if class_names is not None and train_data is None:
             raise ConfigError("class_names go with train_data; a built-in data set has its own")
         if train_data is None and config.dataset == CUSTOM_DATA:
@@ -124,12 +133,12 @@ class Trainer:
         self._fitting, self._superseded = False, False
         self._prepared = False
         try:
-            self._setup(model, train_data, eval_data, class_names)
+            self._setup(model, train_data, eval_data, test_data, class_names)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, model: nn.Module | None, train_data: Any, eval_data: Any, class_names: Any) -> None:
+    def _setup(self, model: Any, train_data: Any, eval_data: Any, test_data: Any, class_names: Any) -> None:
         config = self.config
         runtime.check_distributed(self.accelerator, "train alone and write the same files")
         from accelerate.utils import set_seed
@@ -140,7 +149,7 @@ class Trainer:
         # The samples --limit-train-batches gives an epoch: a resumed run keeps its checkpoint's.
         self.limit_samples: int | None = None
         self._resume_from = self._find_resume_point(config.resume) if config.resume is not None else None
-        self._setup_data(train_data, eval_data)
+        self._setup_data(train_data, eval_data, test_data)
         if config.limit_train_batches is not None and self._resume_from is None:
             self.limit_samples = config.limit_train_batches * self.samples_per_step
         self._setup_model(model, class_names)
@@ -154,6 +163,8 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler
         )
+        if self.test_loader is not None:
+            self.test_loader = self.accelerator.prepare(self.test_loader)
         self._prepared = True
         # The user's module itself: no DDP wrapper, no torch.compile wrapper (whose state_dict keys
         # gain an `_orig_mod.` prefix), so checkpoints are the same with and without --compile.
@@ -191,11 +202,13 @@ class Trainer:
         return self.log.history
 
     # ------------------------------------------------------------------ setup
-    def _setup_data(self, train_data: Dataset | None, eval_data: Dataset | None) -> None:
+    def _setup_data(self, train_data: Dataset | None, eval_data: Dataset | None, test_data: Dataset | None) -> None:
         cfg, acc = self.config, self.accelerator
-        self.data = user_source(train_data, eval_data) if train_data is not None else self._load_data()
-        self.train_size, self.test_size = len(self.data.train), len(self.data.test)
-        if self.test_size == 0:
+        self.data = user_source(train_data, eval_data, test_data) if train_data is not None else self._load_data()
+        self.train_size, self.valid_size = len(self.data.train), len(self.data.valid)
+        # The test split when it is not the validation split itself: scored once, when the run ends.
+        self.test_size = len(self.data.test) if self.data.test is not None else 0
+        if self.valid_size == 0:
             raise ConfigError("the evaluation data is empty")
         if cfg.augment and len(self.data.input_shape) != 3:  # crops and flips need rows and columns
             raise ConfigError(
@@ -210,10 +223,17 @@ class Trainer:
         device, workers = acc.device, cfg.num_workers
         self.train_loader = make_loader(self.data.train, cfg.batch_size, train=True, seed=cfg.seed, device=device,
                                         num_workers=workers)  # fmt: skip
-        self.eval_loader = make_loader(self.data.test, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device,
-                                       num_workers=workers)  # fmt: skip
+
+        def evaluation_loader(split: Any) -> Any:
+            return make_loader(split, cfg.eval_batch_size, train=False, seed=cfg.seed, device=device,
+                               num_workers=workers)  # fmt: skip
+
+        self.eval_loader = evaluation_loader(self.data.valid)
+        self.test_loader = evaluation_loader(self.data.test) if self._tests_apart else None
+        # The samplers themselves (accelerate's prepared loaders wrap them).
         self.train_sampler = self.train_loader.sampler
         self.eval_sampler = self.eval_loader.sampler
+        self.test_sampler = self.test_loader.sampler if self.test_loader is not None else None
 
     def _load_data(self) -> Any:
         """A built-in data set or an image folder, read by one process per machine first (it
@@ -223,7 +243,8 @@ class Trainer:
         with acc.local_main_process_first():
             try:
                 say = self.report.line if acc.is_local_main_process else (lambda _: None)
-                source = named_source(cfg.dataset, cfg.data_dir, parse_image_size(cfg.image_size), say)
+                source = named_source(cfg.dataset, cfg.data_dir, parse_image_size(cfg.image_size), say,
+                                      cfg.val_split, cfg.seed)  # fmt: skip
             except ConfigError as exc:  # data missing on one machine must stop the others too
                 error = exc
         runtime.agree(error, f"load the {cfg.dataset} data")
@@ -239,7 +260,7 @@ class Trainer:
         self.factory = cfg.model if model is None and cfg.model not in MODELS else None
         if model is None:
             if names is None:  # the default network on data given in Python: as many classes as labels
-                labels = [readable_labels(d) for d in (self.data.train, self.data.test)]
+                labels = [readable_labels(d) for d in (self.data.train, self.data.valid)]
                 if any(t is None for t in labels):
                     raise ConfigError(
                         f"{cfg.model} needs to know how many classes there are: pass class_names=, or model=, or "
@@ -264,7 +285,10 @@ class Trainer:
             self.data = dataclasses.replace(self.data, class_names=names)
         self.class_names = self.data.class_names
         for split, data, loader in (("training", self.data.train, self.train_loader),
-                                    ("evaluation", self.data.test, self.eval_loader)):  # fmt: skip
+                                    ("evaluation", self.data.valid, self.eval_loader),
+                                    ("test", self.data.test, self.test_loader)):  # fmt: skip
+            if loader is None:
+                continue
             if not check_labels(data, len(self.class_names), split) and hasattr(loader.dataset, "num_classes"):
                 loader.dataset.num_classes = len(self.class_names)
         if not any(p.requires_grad for p in model.parameters()):
@@ -300,10 +324,16 @@ class Trainer:
         limit = self.train_size if self.limit_samples is None else min(self.train_size, self.limit_samples)
         return limit // per_step * per_step
 
-    def _eval_images(self) -> int:
-        """The images an evaluation covers: all, or the first --limit-eval-batches batches' worth."""
+    @property
+    def _tests_apart(self) -> bool:
+        """The run has a test split apart from its validation split (scored once, at the end)."""
+        return self.data.test is not None and self.data.validation != TEST_SPLIT
+
+    def _eval_images(self, size: int) -> int:
+        """The images an evaluation of a split of `size` covers: all, or the first --limit-eval-batches
+        batches' worth."""
         limit, batch = self.config.limit_eval_batches, self.config.eval_batch_size
-        return self.test_size if limit is None else min(self.test_size, limit * self.num_processes * batch)
+        return size if limit is None else min(size, limit * self.num_processes * batch)
 
     def _setup_schedule(self) -> None:
         """The LR schedule over the run, in units of one per-process batch of data (see recipe.py):
@@ -390,8 +420,8 @@ class Trainer:
                 f"this Trainer was closed when a later one took its run folder {self.run_dir}: fit that one"
             )
         self._fitting = True
-        if self.position.epoch >= self.config.epochs:
-            epochs = self.config.epochs
+        if self._complete:
+            epochs = len(self.history)
             self.report.line(f"run already complete ({epochs} epoch{'s' if epochs != 1 else ''}): {self.run_dir}")
             self.close()
             return self.history
@@ -399,7 +429,7 @@ class Trainer:
             try:
                 self._announce()
                 self.log.start_trackers(self.config)
-                while self.position.epoch < self.config.epochs:
+                while not self._complete:
                     self._run_epoch()
                 if self.stop_signal is not None:
                     self.report.line(f"{self._signal_name()} came after the last step: the run is complete")
@@ -418,23 +448,64 @@ class Trainer:
                 self.finished = True  # a signal from here on has nothing left to stop (StopSignals ignores it)
                 self.close()
 
+    @property
+    def _complete(self) -> bool:
+        """Nothing is left to train: the last epoch is done, or an evaluation ended the run early."""
+        return self.position.epoch >= self.config.epochs or bool(self.history and self.history[-1].get("stopped"))
+
     def _run_epoch(self) -> None:
-        """Train, evaluate, record and save one epoch (the rest of it, after a resume)."""
+        """Train, evaluate, record and save one epoch (the rest of it, after a resume). When the run
+        ends (its last epoch, --early-stop, --stop-at), the test split is scored once, on `best`."""
+        cfg = self.config
         train = self.train_epoch()
         eval_started, first_evaluation = time.perf_counter(), self._warmup["eval"] is None
-        self.report.evaluating(self._eval_images())
+        self.report.evaluating(self._eval_images(self.valid_size))
         valid = self.evaluate()
         averaged = self.evaluate(self.ema.module) if self.ema is not None else None
         self.report.evaluated()
         # The first evaluation batch of this process is warm-up (warmup_s), not evaluation.
         eval_time = time.perf_counter() - eval_started - valid.first_batch_s * first_evaluation
         record = self._epoch_record(train, valid, averaged, eval_time)
+        history = [*self.history, record]
+        last = self.position.epoch + 1 >= cfg.epochs
+        if cfg.target is not None and selection.target_met(record, cfg.target):  # the first time: it ends the run
+            record |= selection.time_to_target(history)
+        why = None if last else selection.why_stop(history, cfg)
+        if why is not None:
+            record["stopped"] = why
+        if (last or why is not None) and self._tests_apart:
+            self.report.evaluating(self._eval_images(self.test_size))
+            record |= self._test_on_best(history)
+            self.report.evaluated()
         self.position.next_epoch()
         self._save(record, train["curve"])
         # Every process takes part in this agreement, also one that already holds a signal.
         # After the last epoch there is nothing left to stop: the run is complete.
-        if self.position.epoch < self.config.epochs and self._stop_agreed(force=True):
+        if not self._complete and self._stop_agreed(force=True):
             self._stop()
+
+    def _test_on_best(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The test split's score of `best`'s weights (the EMA's with --ema), when the run ends: the
+        weights just evaluated, or the `best` checkpoint's, lent to the model for the evaluation
+        and then given back (the run's last checkpoint holds its last weights)."""
+        best = selection.best_index(history, self._best_key)
+        module = self.ema.module if self.ema is not None else self.module
+        where = self.run_dir / ckpt.BEST_LINK
+        if best != len(history) - 1 and not where.exists():  # a branch whose best lies in the run it left
+            best = len(history) - 1
+        kept = None
+        if best != len(history) - 1:
+            kept = {k: v.clone() for k, v in module.state_dict().items()}
+            load_weights(where, module)
+        started = time.perf_counter()
+        try:
+            result = self.evaluate(self.ema.module if self.ema is not None else self.model, split="test")
+        finally:
+            if kept is not None:
+                module.load_state_dict(kept)
+        return {"test_loss": result.loss, "test_acc": result.accuracy, "test_correct": result.correct,
+                "test_seen": result.seen, "test_epoch": history[best]["epoch"],
+                "test_time_s": time.perf_counter() - started}  # fmt: skip
 
     def train_epoch(self) -> dict[str, Any]:
         """Trains from the current position to the end of the epoch and returns its summary; saves
@@ -569,12 +640,20 @@ class Trainer:
     def _save_due(self) -> bool:
         return bool(self.config.save_every) and self.position.step % self.config.save_every == 0
 
-    def evaluate(self, model: nn.Module | None = None) -> EvalResult:
-        """Exact counts over the test split (or its first --limit-eval-batches batches per process),
-        of the trained model or of `model` (the EMA's)."""
-        self.eval_sampler.set_position(0, 0, self._eval_images())
+    def evaluate(self, model: nn.Module | None = None, split: str = "valid") -> EvalResult:
+        """Exact counts over the validation split, or `split="test"` (or the first --limit-eval-batches
+        batches per process), of the trained model or of `model` (the EMA's)."""
+        if split not in ("valid", "test"):
+            raise ConfigError(f"split is 'valid' or 'test', got {split!r}")
+        loader, sampler, size = self.eval_loader, self.eval_sampler, self.valid_size
+        if split == "test":
+            if self.test_loader is None:
+                raise ConfigError("this run has no test split apart from its validation split (which is the test "
+                                  "split, or data given in Python without test_data)")  # fmt: skip
+            loader, sampler, size = self.test_loader, self.test_sampler, self.test_size
+        sampler.set_position(0, 0, self._eval_images(size))
         result = evaluate_model(
-            self.accelerator, model or self.model, self.eval_loader, len(self.class_names), self.channels_last,
+            self.accelerator, model or self.model, loader, len(self.class_names), self.channels_last,
             self.data.normalization,
         )  # fmt: skip
         if self._warmup["eval"] is None:
@@ -715,8 +794,18 @@ class Trainer:
             "global batch": f"{self.samples_per_step} ({self._samples_per_step_parts()})",
             "steps/epoch": self.steps_per_epoch,
             "epochs": cfg.epochs,
-            "train/test images": f"{self.train_size}/{self.test_size}",
+            "train images": self.train_size,
+            "validation": self._validation_text(),
         }
+        if self._tests_apart:
+            items["test images"] = f"{self.test_size} (scored once, on best, when the run ends)"
+        ends = []
+        if cfg.early_stop is not None:
+            ends.append(f"after {cfg.early_stop} evaluations without a better {self._best_key}")
+        if cfg.stop_at is not None:
+            ends.append(f"at {cfg.stop_at}")
+        if ends:
+            items["ends early"] = "; ".join(ends)
         if acc.mixed_precision == "bf16" and runtime.emulated_bf16(acc.device):
             self.report.warn(
                 "this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX): bf16 is emulated and slower than fp32"
@@ -734,19 +823,44 @@ class Trainer:
         for record in self.history:  # a resumed run's table continues where it was
             self.report.epoch_row(record)
 
+    def _validation_text(self) -> str:
+        """What the validation split is, for people."""
+        n, cfg = self.valid_size, self.config
+        return {
+            "held-out": f"{n} images held out of the training split (by class, seed {cfg.seed})",
+            "val": f"the image folder's val/ ({n} images)",
+            "eval_data": f"eval_data ({n} samples)",
+            "test": f"the test split ({n} images; --val-split 0: `best` is chosen on it)",
+        }[self.data.validation]
+
     def _closing_summary(self) -> None:
-        """How long it took, the best epoch, where its checkpoint is and what to do with it."""
-        epochs = len(self.history)
-        seconds = sum(r["epoch_time_s"] + r["eval_time_s"] + r["warmup_s"] for r in self.history)
-        key = self._best_key
-        best = max(self.history, key=lambda r: r[key])
+        """How long it took, why it ended, the best epoch, its test score, where its checkpoint is
+        and what to do with it."""
+        history, epochs = self.history, len(self.history)
+        seconds = sum(r["epoch_time_s"] + r["eval_time_s"] + r["warmup_s"] + r.get("test_time_s", 0) for r in history)
+        last, key = history[-1], self._best_key
+        best = history[selection.best_index(history, key)]
         where = self.run_dir / ckpt.BEST_LINK
-        correct = best[key.replace("acc", "correct")]
+        if "stopped" in last:
+            self._tell(f"ended after epoch {last['epoch']} of {self.config.epochs}: {last['stopped']}")
+        if "target_steps" in last:
+            self._tell(
+                f"time to {self.config.stop_at}: {last['target_train_s']:.1f} s of training and "
+                f"{last['target_eval_s']:.1f} s of evaluation, {last['target_steps']} steps, "
+                f"{last['target_samples']} samples"
+            )
+        metric = key.removesuffix("_ema").replace("_", " ")
+        counts = f" ({best[key.replace('acc', 'correct')]}/{best['valid_seen']})" if "_acc" in key else ""
         self._tell(
             f"done: {epochs} epoch{'s' if epochs != 1 else ''} in {_duration(seconds)} of training and evaluation; "
-            f"best valid acc{' (EMA)' if self.ema is not None else ''} {best[key]:.4f} ({correct}/"
-            f"{best['valid_seen']}) after epoch {best['epoch']}: {where}"
+            f"best {metric}{' (EMA)' if self.ema is not None else ''} {best[key]:.4f}{counts} after epoch "
+            f"{best['epoch']}: {where}"
         )
+        if "test_acc" in last:
+            self._tell(
+                f"test: acc {last['test_acc']:.4f} ({last['test_correct']}/{last['test_seen']}), loss "
+                f"{last['test_loss']:.4f}, of epoch {last['test_epoch']}'s weights (scored once)"
+            )
         if self.config.dataset != CUSTOM_DATA:  # the tools rebuild the data from the checkpoint
             model = f" --model {self.factory}" if self.factory else ""
             self.report.line(f"evaluate: python -m trainer.evaluate {where}{model}")
@@ -776,6 +890,7 @@ class Trainer:
             "valid_acc": valid.accuracy,
             "valid_correct": valid.correct,
             "valid_seen": valid.seen,
+            "validation": self.data.validation,
             "lr": train["curve"]["lr"][-1],  # the LR of the epoch's last step (the scheduler is one ahead)
             "epoch_time_s": train["time_s"],
             "eval_time_s": eval_time,
@@ -795,9 +910,9 @@ class Trainer:
 
     @property
     def _best_key(self) -> str:
-        """What `best` is chosen by: the accuracy of the weights evaluate and predict use (the EMA's
+        """What `best` is chosen by: --monitor, of the weights evaluate and predict use (the EMA's
         when there is one)."""
-        return "valid_acc_ema" if self.ema is not None else "valid_acc"
+        return selection.monitored(self.config)
 
     # ------------------------------------------------------------------ checkpoints
     def _parts(self) -> state.Parts:
@@ -826,7 +941,7 @@ class Trainer:
                 metadata = state.model_metadata(self.architecture, self.factory, self.data, pos, self.history)
                 contents = state.contents(self._parts(), pos, self.stats, self.config, metadata, rng, progress, extra)
                 folder = ckpt.save(self.run_dir, pos.step, contents)
-                if record is not None and max(self.history, key=lambda r: r[self._best_key]) is record:
+                if record is not None and selection.best_index(self.history, self._best_key) == len(self.history) - 1:
                     ckpt.update_best(self.run_dir, folder)
                 ckpt.prune(self.run_dir, self.config.keep_last)
             except ckpt.SaveError as exc:

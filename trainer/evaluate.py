@@ -73,8 +73,9 @@ def print_report(summary: dict[str, Any]) -> None:
         parent = summary["lineage"]
         console.print(f"started from {parent['parent']} (step {parent['step']}, weights sha256 "
                       f"{parent['sha256'][:12]}...)", soft_wrap=True)  # fmt: skip
+    split = "validation" if summary.get("split") == "valid" else "test"
     console.print(
-        f"{summary['dataset']} test split: accuracy [bold]{summary['accuracy']:.4f}[/] "
+        f"{summary['dataset']} {split} split: accuracy [bold]{summary['accuracy']:.4f}[/] "
         f"({summary['correct']}/{summary['seen']})  loss {summary['loss']:.4f}  macro-F1 {summary['macro_f1']:.4f}"
     )
     per_class = Table(title="per class", title_justify="left", **box)
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, metavar="MODULE:FN",
         help="rebuild a model that is not built in with this factory (as in training); never taken from the checkpoint",
     )  # fmt: skip
+    parser.add_argument(
+        "--split", choices=("test", "valid"), default="test",
+        help="test: the data set's test split; valid: the validation split training chose `best` on (the images "
+        "held out of the training split, or the test split when it was trained with --val-split 0)",
+    )  # fmt: skip
     add_json_flag(parser)
     return parser
 
@@ -153,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
     check_distributed(acc, "evaluate everything and print it")
     loaded = load_model(args.checkpoint, args.model)
     with acc.main_process_first():  # one process downloads or decodes; the others then read the files
-        split = load_test_split(loaded, args.data_dir, args.dataset)
+        split = load_test_split(loaded, args.data_dir, args.dataset, args.split)
     if input_shape_of(split) != loaded.input_shape:
         raise ConfigError(
             f"{loaded.dataset} images are {input_shape_of(split)}, the checkpoint expects {loaded.input_shape}"
@@ -165,8 +171,8 @@ def _run(args: argparse.Namespace) -> int:
     model = acc.prepare_model(model, evaluation_mode=True)
     loader = acc.prepare(make_loader(split, args.batch_size, train=False, seed=0, device=acc.device))
     result = evaluate_model(acc, model, loader, len(loaded.class_names), channels_last, loaded.normalization)
-    summary = report(result, loaded, num_processes=acc.num_processes, mixed_precision=acc.mixed_precision,
-                     lineage=recorded(loaded, "lineage"))  # fmt: skip
+    summary = report(result, loaded, split=args.split, num_processes=acc.num_processes,
+                     mixed_precision=acc.mixed_precision, lineage=recorded(loaded, "lineage"))  # fmt: skip
     if acc.is_main_process:
         if args.json != "-":
             print_report(summary)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from trainer import checkpoint as ckpt
 from trainer.config import CUSTOM_DATA, ConfigError
-from trainer.data import DATASET_INFO, NORMALIZATION, load_split, model_input
+from trainer.data import DATASET_INFO, NORMALIZATION, held_out_count, hold_out, load_split, model_input
 from trainer.errors import first_line
 from trainer.model import MODELS, build_model
 
@@ -252,9 +252,10 @@ def recorded_config(loaded: LoadedModel) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | None = None) -> Any:
-    """The test split the checkpoint's model was evaluated on in training (never downloaded), or of
-    `dataset` (an image folder that moved since)."""
+def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | None = None, split: str = "test") -> Any:
+    """The test split of the checkpoint's data set (never downloaded), or of `dataset` (an image
+    folder that moved since); `split="valid"`: the validation split training chose `best` on (the
+    same images held out of the training split, by the recorded --val-split and --seed)."""
     from trainer.data import Split
     from trainer.imagefolder import image_folder_path, load_image_folder, parse_image_size
 
@@ -276,14 +277,24 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | No
         raise ConfigError(
             f"the image folder {folder} it was trained on is gone (moved?): pass --dataset imagefolder:NEW_PATH"
         )
+    held = recorded.get("val_split") or 0
+    if split == "valid" and held and "seed" not in recorded:
+        raise ConfigError(f"{loaded.path} does not record how its validation split was held out: evaluate it from "
+                          "its checkpoint folder (step_* or best), not a model file alone")  # fmt: skip
     if folder is not None:
         # The size as training asked for it (the cache is keyed by it), else the model's input size.
         size = parse_image_size(recorded["image_size"]) if "image_size" in recorded else tuple(loaded.input_shape[1:])
-        _, (images, labels), names, _ = load_image_folder(folder, data_dir, size, say=lambda _: None)
+        (train_images, train_labels), (images, labels), names, _ = load_image_folder(folder, data_dir, size,
+                                                                                     say=lambda _: None)  # fmt: skip
         if names != loaded.class_names:
             raise ConfigError(f"{folder} now holds the classes {', '.join(names)}, not the checkpoint's")
-        return Split(images, labels)
-    return load_split(loaded.dataset, data_dir, train=False, download=False)
+        train, test = Split(train_images, train_labels), Split(images, labels)
+    else:
+        test = load_split(loaded.dataset, data_dir, train=False, download=False)
+        train = load_split(loaded.dataset, data_dir, train=True, download=False) if split == "valid" and held else None
+    if split != "valid" or not held:  # --val-split 0: the run validated on the test split
+        return test
+    return hold_out(train, held_out_count(held, len(train)), recorded["seed"])[1]
 
 
 @torch.no_grad()

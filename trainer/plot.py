@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not rows:
         raise RunError(f"{path} is empty: no epoch has finished yet")
     return rows
+
+
+def best_index(run_dir: Path, metrics: list[dict[str, Any]], accuracy: list[float]) -> int:
+    """The record of the epoch `best` points at (the trainer chose it: by --monitor, on the EMA's
+    numbers with --ema); without the link, the highest accuracy, the first of equals."""
+    found = re.fullmatch(r"step_(\d+)", os.readlink(run_dir / "best")) if (run_dir / "best").is_symlink() else None
+    steps = [r["step"] for r in metrics]
+    if found and int(found.group(1)) in steps:
+        return steps.index(int(found.group(1)))
+    return max(range(len(accuracy)), key=accuracy.__getitem__)
 
 
 def step_series(curves: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -110,7 +122,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     ax_lr.set(title="learning rate", xlabel="step", ylabel="LR")
     ax_acc.plot(epochs, train_acc, marker="o", label="train (running, during the epoch)")
     chosen = valid_acc_ema if ema else valid_acc
-    best = max(range(len(chosen)), key=chosen.__getitem__)  # the first of equals, as the trainer's max
+    best = best_index(run_dir, metrics, chosen)
     named = f"best {chosen[best]:.4f}, epoch {epochs[best]}"
     ax_acc.plot(epochs, valid_acc, marker="o", label="valid, trained weights" if ema else f"valid ({named})")
     if ema:

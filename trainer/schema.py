@@ -22,7 +22,7 @@ from trainer.errors import CheckpointError
 
 # 3: --ema's ema.safetensors, (loss, correct, gradient norm) per step, the recipe's new fields, the
 # lineage, no optimizer_other_state. docs/checkpoints.md says what changes bump it.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MODEL_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
@@ -94,6 +94,10 @@ RECORD = {
     "valid_acc": FRACTION,
     "valid_correct": NATURAL,
     "valid_seen": NATURAL,
+    # What the valid_* numbers are of (data.HELD_OUT, VAL_FOLDER, EVAL_DATA, TEST_SPLIT).
+    "validation": Check(
+        "one of held-out, val, eval_data, test", lambda v: v in ("held-out", "val", "eval_data", "test")
+    ),  # fmt: skip
     "lr": NUMBER,
     "epoch_time_s": SECONDS,
     "eval_time_s": SECONDS,
@@ -106,6 +110,19 @@ RECORD = {
     "valid_loss_ema": Optional(NUMBER),  # with --ema
     "valid_acc_ema": Optional(FRACTION),
     "valid_correct_ema": Optional(NATURAL),
+    # The run's last record: the test split's score of `best` (when it is not the validation split),
+    # why the run ended before its last epoch, and what reaching --stop-at's target took.
+    "test_loss": Optional(NUMBER),
+    "test_acc": Optional(FRACTION),
+    "test_correct": Optional(NATURAL),
+    "test_seen": Optional(NATURAL),
+    "test_epoch": Optional(POSITIVE),
+    "test_time_s": Optional(SECONDS),
+    "stopped": Optional(str),
+    "target_train_s": Optional(SECONDS),
+    "target_eval_s": Optional(SECONDS),
+    "target_steps": Optional(NATURAL),
+    "target_samples": Optional(NATURAL),
 }
 STATE = {
     "format_version": int,
@@ -271,6 +288,10 @@ def check_state(folder: Path, state: Any) -> TrainConfig:
         for suffix in ("", "_ema") if config.ema is not None else ("",):
             if not record[f"valid_correct{suffix}"] <= record["valid_seen"] or record["step"] > state["step"]:
                 raise CheckpointError(f"{path}: history[{i}] counts more than it saw, or lies beyond the step")
+        if "test_correct" in record and not record["test_correct"] <= record.get("test_seen", -1):
+            raise CheckpointError(f"{path}: history[{i}] counts more test images right than it saw")
+        if "stopped" in record and i != len(history) - 1:
+            raise CheckpointError(f"{path}: history[{i}] ended the run, and more epochs follow it")
     return config
 
 

@@ -30,7 +30,8 @@ EMA_COUNT = "n_averaged"
 RECIPE_CHECKED = (
     "model", "dataset", "image_size", "epochs", "batch_size", "lr", "momentum", "cycle_momentum", "seed",
     "limit_train_batches", "optimizer", "weight_decay", "betas", "schedule", "warmup_steps", "grad_accum",
-    "clip_grad_norm", "label_smoothing", "ema", "augment",
+    "clip_grad_norm", "label_smoothing", "ema", "augment", "val_split", "monitor", "early_stop", "min_delta",
+    "stop_at",
 )  # fmt: skip
 
 

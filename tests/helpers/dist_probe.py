@@ -15,7 +15,7 @@ from trainer import TrainConfig, Trainer
 
 def probe(data_dir: Path, output_dir: Path, weights: Path, result: Path, epochs: int = 2) -> int:
     config = TrainConfig(data_dir=str(data_dir), output_dir=str(output_dir), batch_size=64, eval_batch_size=128,
-                         epochs=epochs, cpu=True, progress="plain")  # fmt: skip
+                         epochs=epochs, cpu=True, progress="plain", val_split=0)  # fmt: skip
     trainer = Trainer(config)
     acc = trainer.accelerator
     acc.unwrap_model(trainer.model).load_state_dict(load_file(weights))
