@@ -233,3 +233,25 @@ def test_python_test_data_and_val_split_go_their_own_ways(tmp_path):
     with pytest.raises(ConfigError, match="no test split apart from its validation split"):
         trainer.evaluate(split="test")
     trainer.close()
+
+
+def test_an_image_folder_with_val_and_test_validates_on_val_and_scores_test_once(run_main, tmp_path, capsys):
+    import shutil
+
+    from test_imagefolder import N_TEST, TEST_IMAGES, quick, train_args, write_folder
+
+    root = write_folder(tmp_path / "fruit", (16, 16), rgb=False)
+    shutil.copytree(root / "test", root / "val")
+    (next((root / "val").iterdir()) / "00.png").unlink()  # val/ is not test/: one image fewer
+    result = run_main(train_args(root, tmp_path / "data", tmp_path / "out", "--epochs", "2"))
+    assert result.returncode == 0, result.stderr
+    rows = records(tmp_path / "out" / "fruit")
+    assert [(r["validation"], r["valid_seen"]) for r in rows] == [("val", TEST_IMAGES - 1)] * 2
+    assert rows[-1]["test_seen"] == TEST_IMAGES and N_TEST > 1
+    best = str(tmp_path / "out" / "fruit" / "best")
+    valid = evaluate_json(capsys, best, "--data-dir", str(tmp_path / "data"), "--split", "valid")
+    test = evaluate_json(capsys, best, "--data-dir", str(tmp_path / "data"))
+    assert (valid["seen"], test["seen"], test["correct"]) == (TEST_IMAGES - 1, TEST_IMAGES, rows[-1]["test_correct"])
+    # Its own val/ is the validation split: holding images out of train/ as well is refused.
+    refused = run_main(train_args(root, tmp_path / "data", tmp_path / "out2", *quick("--val-split", "5")))
+    assert refused.returncode == 2 and "has its own val/ beside test/" in refused.stderr

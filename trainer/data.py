@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.config import DEFAULT_VAL_SPLIT
 from trainer.errors import DataError, first_line
-from trainer.imagefolder import image_folder_path, load_image_folder
+from trainer.imagefolder import image_folder_path, load_image_folder_splits
 from trainer.runtime import cores, local_processes
 
 # torchvision class name, its folder under --data-dir, and the class names shown to users.
@@ -132,10 +132,14 @@ def named_source(
     its validation split: `val_split` images held out of the training split (see `held_out_count`)."""
     folder = image_folder_path(dataset)
     if folder is not None:
-        (train_images, train_labels), (test_images, test_labels), names, digest = load_image_folder(
-            folder, data_dir, image_size, say
-        )
-        train, test = Split(train_images, train_labels), Split(test_images, test_labels)
+        splits, names, digest = load_image_folder_splits(folder, data_dir, image_size, say)
+        train, test = Split(*splits["train"]), Split(*splits["test"])
+        if "val" in splits:  # its own validation split: val/ validates, test/ is scored at the end
+            if val_split:
+                raise DataError(f"{folder} has its own val/ beside test/: leave --val-split out (or pass 0)")
+            shape = input_shape_of(train)
+            return DataSource(dataset, train, Split(*splits["val"]), test, VAL_FOLDER, names, shape, NORMALIZATION,
+                              digest=digest)  # fmt: skip
     else:
         idx_folder(dataset, data_dir, IDX_FILES, download=True)  # training needs both splits: name every missing file
         train, test = load_split(dataset, data_dir, train=True), load_split(dataset, data_dir, train=False)

@@ -257,7 +257,7 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | No
     folder that moved since); `split="valid"`: the validation split training chose `best` on (the
     same images held out of the training split, by the recorded --val-split and --seed)."""
     from trainer.data import Split
-    from trainer.imagefolder import image_folder_path, load_image_folder, parse_image_size
+    from trainer.imagefolder import image_folder_path, load_image_folder_splits, parse_image_size
 
     recorded = recorded_config(loaded)
     data_dir = data_dir or recorded.get("data_dir") or "./data"
@@ -284,11 +284,12 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | No
     if folder is not None:
         # The size as training asked for it (the cache is keyed by it), else the model's input size.
         size = parse_image_size(recorded["image_size"]) if "image_size" in recorded else tuple(loaded.input_shape[1:])
-        (train_images, train_labels), (images, labels), names, _ = load_image_folder(folder, data_dir, size,
-                                                                                     say=lambda _: None)  # fmt: skip
+        splits, names, _ = load_image_folder_splits(folder, data_dir, size, say=lambda _: None)
         if names != loaded.class_names:
             raise ConfigError(f"{folder} now holds the classes {', '.join(names)}, not the checkpoint's")
-        train, test = Split(train_images, train_labels), Split(images, labels)
+        if split == "valid" and "val" in splits:  # the folder's own validation split
+            return Split(*splits["val"])
+        train, test = Split(*splits["train"]), Split(*splits["test"])
     else:
         test = load_split(loaded.dataset, data_dir, train=False, download=False)
         train = load_split(loaded.dataset, data_dir, train=True, download=False) if split == "valid" and held else None

@@ -1,6 +1,7 @@
 """Image folders in torchvision's ImageFolder layout, decoded once into uint8 tensors and cached.
 
-PATH/train/<class>/... and PATH/test/<class>/... (or PATH/val/): grey when every image is grey,
+PATH/train/<class>/... and PATH/test/<class>/... (or PATH/val/; with both, val/ validates and
+test/ is scored once at the end): grey when every image is grey,
 RGB otherwise, at the first image's size unless asked for another. The cache, in
 <data-dir>/imagefolder/, is keyed by the files' contents and the size, so that a run of any name,
 from any folder, reads it instead of decoding, and a changed image is decoded again.
@@ -115,32 +116,44 @@ def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], li
     return classes, files
 
 
-def image_folder_splits(root: Path) -> tuple[Path, Path]:
-    """PATH/train and PATH/test (or PATH/val)."""
+def image_folder_splits(root: Path) -> dict[str, Path]:
+    """The split folders by role: "train", "test" (PATH/test, or PATH/val when there is no test/),
+    and "val" when PATH has both val/ and test/ (val/ validates, test/ is scored once at the end)."""
+    both = (root / "test").is_dir() and (root / "val").is_dir()
     test = root / "test" if (root / "test").is_dir() or not (root / "val").is_dir() else root / "val"
     if not (root / "train").is_dir() or not test.is_dir():
         raise DataError(f"{root}: an image folder needs train/<class>/* and test/<class>/* (or val/<class>/*)")
-    return root / "train", test
+    return {"train": root / "train", **({"val": root / "val"} if both else {}), "test": test}
 
 
 def load_image_folder(
     root: Path, data_dir: str | os.PathLike, image_size: tuple[int, int] | None, say: Any = print
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[str, ...], str]:
-    """Both splits of an image folder as uint8 tensors: grey when every image is, RGB otherwise, at
-    the first image's size unless `image_size`. Cached in data_dir/imagefolder/, keyed by the files'
-    contents and the size, so the next run (of any name, from any folder) skips the decoding.
-    Returns (images, labels) of each split, the class names and that key (what the folder is,
-    wherever it lies)."""
+    """The training and test splits of an image folder (see `load_image_folder_splits`): (images,
+    labels) of each, the class names and the folder's key."""
+    splits, classes, key = load_image_folder_splits(root, data_dir, image_size, say)
+    return splits["train"], splits["test"], classes, key
+
+
+def load_image_folder_splits(
+    root: Path, data_dir: str | os.PathLike, image_size: tuple[int, int] | None, say: Any = print
+) -> tuple[dict[str, tuple[Tensor, Tensor]], tuple[str, ...], str]:
+    """Every split of an image folder as uint8 tensors (by role, as `image_folder_splits` names
+    them): grey when every image is, RGB otherwise, at the first image's size unless `image_size`.
+    Cached in data_dir/imagefolder/, keyed by the files' contents and the size, so the next run
+    (of any name, from any folder) skips the decoding. Returns the splits' (images, labels), the
+    class names and that key (what the folder is, wherever it lies)."""
     import hashlib
 
-    train_dir, test_dir = image_folder_splits(root)
-    classes, train_files = _image_files(train_dir, None)
+    folders = image_folder_splits(root)
+    classes, train_files = _image_files(folders["train"], None)
     if len(classes) < 2:
-        raise DataError(f"{train_dir}: one class folder ({classes[0]}); a classifier needs at least two")
-    _, test_files = _image_files(test_dir, classes)
+        raise DataError(f"{folders['train']}: one class folder ({classes[0]}); a classifier needs at least two")
+    files = {"train": train_files, **{role: _image_files(folders[role], classes)[1] for role in folders
+                                      if role != "train"}}  # fmt: skip
     key = hashlib.sha256(f"{IMAGE_CACHE_VERSION} {image_size} {classes}".encode())
-    for split, files in (("train", train_files), ("test", test_files)):
-        for file, label in files:
+    for split, listed in files.items():
+        for file, label in listed:
             try:
                 content = file.read_bytes()
             except OSError as exc:
@@ -148,33 +161,29 @@ def load_image_folder(
             key.update(f"{split}/{label}/{file.relative_to(root).as_posix()}/{len(content)}:".encode())
             key.update(hashlib.sha256(content).digest())
     cache = Path(data_dir) / "imagefolder" / f"{root.name}-{key.hexdigest()[:20]}.safetensors"
-    count = len(train_files) + len(test_files)
+    count = sum(len(listed) for listed in files.values())
     if cache.is_file():
         try:
             from safetensors.torch import load_file
 
             tensors = load_file(cache)
+            splits = {role: (tensors[f"{role}_images"], tensors[f"{role}_labels"]) for role in files}
             say(f"images: {count} of {root} from the cache {cache}")
-            return (
-                (tensors["train_images"], tensors["train_labels"]),
-                (tensors["test_images"], tensors["test_labels"]),
-                tuple(classes),
-                key.hexdigest(),
-            )
+            return splits, tuple(classes), key.hexdigest()
         except Exception:  # noqa: BLE001 (a damaged cache is decoded again and replaced)
             pass
     grey, size = True, image_size or _size_of(train_files[0][0])
-    for file, _ in (*train_files, *test_files):  # headers only: cheap
+    for file, _ in (f for listed in files.values() for f in listed):  # headers only: cheap
         with opened_image(file) as opened:
             grey = grey and (opened.mode in GREY_MODES or (opened.mode == "P" and grey_palette(opened)))
-    splits = []
-    for files in (train_files, test_files):
-        images = torch.stack([decode_image(f, grey, size) for f, _ in files])
-        splits.append((images, torch.tensor([k for _, k in files], dtype=torch.int64)))
+    splits = {}
+    for role, listed in files.items():
+        images = torch.stack([decode_image(f, grey, size) for f, _ in listed])
+        splits[role] = (images, torch.tensor([k for _, k in listed], dtype=torch.int64))
     problem = _write_cache(cache, splits, root)
     kept = f"not cached ({problem}: the next run decodes again)" if problem else f"cached in {cache}"
     say(f"images: decoded {count} from {root} ({'grey' if grey else 'RGB'}, {size[0]}x{size[1]}), {kept}")
-    return splits[0], splits[1], tuple(classes), key.hexdigest()
+    return splits, tuple(classes), key.hexdigest()
 
 
 def _size_of(file: Path) -> tuple[int, int]:
@@ -188,13 +197,12 @@ def grey_palette(image: Any) -> bool:
     return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
-def _write_cache(cache: Path, splits: list[tuple[Tensor, Tensor]], root: Path) -> str | None:
+def _write_cache(cache: Path, splits: dict[str, tuple[Tensor, Tensor]], root: Path) -> str | None:
     """Atomically (a temporary file, then a rename). A cache that cannot be written is skipped:
     returns why, in a few words, or None when it was written."""
     from safetensors.torch import save_file
 
-    tensors = {"train_images": splits[0][0], "train_labels": splits[0][1],
-               "test_images": splits[1][0], "test_labels": splits[1][1]}  # fmt: skip
+    tensors = {f"{role}_{what}": t for role, pair in splits.items() for what, t in zip(("images", "labels"), pair)}
     partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
