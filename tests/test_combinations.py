@@ -240,11 +240,11 @@ def schedule_lrs(recipe: Recipe, steps: int) -> list[float]:
 
 def schedule_end(recipe: Recipe, steps: int) -> float:
     """The LR of a run's last step: OneCycle's initial LR / final_div_factor (lr/25/1e4), the cosine's
-    0. docs/recipes.md: OneCycle has at least 2 units, so a 1-step run's one step runs at unit 0 of
+    0 (--lr for a run of one step). docs/recipes.md: OneCycle has at least 2 units, so a 1-step run's one step runs at unit 0 of
     2, on the cosine from lr at unit -0.4 to lr/25/1e4 at unit 1."""
     low = recipe.lr / 25 / 1e4
-    if recipe.schedule == "cosine":
-        return 0.0
+    if recipe.schedule == "cosine":  # docs/recipes.md: a 1-step run's one step runs at --lr
+        return 0.0 if steps > 1 else recipe.lr
     return low if steps > 1 else low + (recipe.lr - low) / 2 * (1 + math.cos(math.pi * 0.4 / 1.4))
 
 
@@ -320,6 +320,8 @@ def check_ending(rows: list[dict], recipe: Recipe) -> None:
 @given(recipe=recipes())
 # Found by a deep run: augmentation's generator seed overflowed torch's range for seeds near 2**32.
 @example(recipe=Recipe(augment=True, seed=2**32 - 1, epochs=2))
+# Found by a deep run: a cosine over one step (the docs said it ends at 0; it runs at --lr).
+@example(recipe=Recipe(schedule="cosine", batch_size=1, limit_train_batches=1, lr=0.01))
 # A held-out split, best on the EMA, the test split scored once, an early stop at its first chance.
 @example(recipe=Recipe(val_split=0.25, ema=0.9, epochs=3, early_stop=1, limit_train_batches=3))
 def test_every_drawn_recipe_trains_exactly_or_is_refused_in_one_line(run_main, small_data, tmp_path, recipe):
