@@ -99,6 +99,7 @@ class Recipe:
     val_split: float = 0
     early_stop: int | None = None
     stop_at: str | None = None
+    eval_every: int | None = None
 
     def flags(self) -> list[str]:
         out = []
@@ -195,6 +196,7 @@ def recipes(draw, models: list[str] = MODELS, valid: bool = False, ends_early: b
         val_split=draw(st.sampled_from([0, 0, 10, 0.25, 37] + [N_TRAIN, 1.5] * (not valid))),
         early_stop=draw(st.sampled_from([None, None, 1, 2])) if ends_early else None,
         stop_at=draw(st.sampled_from([None, None, "valid_acc>=0", "valid_loss<0"])) if ends_early else None,
+        eval_every=draw(st.sampled_from([None, None, 1, 2, 3])) if ends_early else None,
     )
     if valid and recipe.samples_per_step > recipe.n_train:
         recipe = Recipe(**{**recipe.__dict__, "val_split": 0})
@@ -240,8 +242,8 @@ def schedule_lrs(recipe: Recipe, steps: int) -> list[float]:
 
 def schedule_end(recipe: Recipe, steps: int) -> float:
     """The LR of a run's last step: OneCycle's initial LR / final_div_factor (lr/25/1e4), the cosine's
-    0 (--lr for a run of one step). docs/recipes.md: OneCycle has at least 2 units, so a 1-step run's one step runs at unit 0 of
-    2, on the cosine from lr at unit -0.4 to lr/25/1e4 at unit 1."""
+    0 (--lr for a run of one step). docs/recipes.md: OneCycle has at least 2 units, so a 1-step
+    run's one step runs at unit 0 of 2, on the cosine from lr at unit -0.4 to lr/25/1e4 at unit 1."""
     low = recipe.lr / 25 / 1e4
     if recipe.schedule == "cosine":  # docs/recipes.md: a 1-step run's one step runs at --lr
         return 0.0 if steps > 1 else recipe.lr
@@ -261,9 +263,15 @@ def check_counts(run: Path, stdout: str, recipe: Recipe, processes: int = 1) -> 
         recipe.steps_per_epoch(processes), recipe.epochs, recipe.n_train, recipe.n_valid
     )  # fmt: skip
     spe = int(per_epoch)
-    rows, curves = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "curves.jsonl")
-    check_ending(rows, recipe)
+    evaluations, curves = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "curves.jsonl")
+    check_ending(evaluations, recipe)
+    rows = [r for r in evaluations if not r.get("inside_epoch")]
     ran = len(rows)
+    # --eval-every K: an evaluation at every K-th step but the epochs' last (whose own comes after it).
+    inside = [r["step"] for r in evaluations if r.get("inside_epoch")]
+    last = evaluations[-1]["step"]
+    k = recipe.eval_every
+    assert inside == ([s for s in range(1, last + 1) if s % k == 0 and s % spe] if k else []), (inside, spe)
 
     def seen(n: int) -> int:
         return n if recipe.limit_eval_batches is None else min(n, recipe.limit_eval_batches * recipe.eval_batch_size
@@ -277,19 +285,20 @@ def check_counts(run: Path, stdout: str, recipe: Recipe, processes: int = 1) -> 
     lrs, total = [lr for c in curves for lr in c["lr"]], spe * recipe.epochs
     if processes == 1:  # a run that ended early ran the first steps of the whole run's schedule
         assert lrs == pytest.approx(schedule_lrs(recipe, total)[: len(lrs)], rel=1e-12, abs=1e-15), lrs
-    if ran == recipe.epochs:
+    if ran == recipe.epochs and "stopped" not in evaluations[-1]:
         assert lrs[-1] == pytest.approx(schedule_end(recipe, len(lrs)), rel=1e-9, abs=0), (
             f"the schedule ends at {lrs[-1]}: {lrs}"
         )
     # The test split is scored once, in the last record, on the best epoch's weights, when it is
     # not the validation split.
-    assert all("test_acc" not in r for r in rows[:-1])
+    assert all("test_acc" not in r for r in evaluations[:-1])
     if recipe.held_out:
         key = "valid_acc_ema" if recipe.ema is not None else "valid_acc"
-        best = max(range(ran), key=lambda i: rows[i][key])
-        assert (rows[-1]["test_seen"], rows[-1]["test_epoch"]) == (seen(N_TEST), best + 1), rows[-1]
+        best = evaluations[max(range(len(evaluations)), key=lambda i: evaluations[i][key])]
+        end = evaluations[-1]
+        assert (end["test_seen"], end["test_step"]) == (seen(N_TEST), best["step"]), end
     else:
-        assert "test_acc" not in rows[-1]
+        assert "test_acc" not in evaluations[-1]
 
 
 def check_ending(rows: list[dict], recipe: Recipe) -> None:
@@ -302,17 +311,18 @@ def check_ending(rows: list[dict], recipe: Recipe) -> None:
     for i, row in enumerate(rows):
         waited = 0 if i == 0 or row[key] > max(r[key] for r in rows[:i]) else waited + 1
         met = target(row)
-        ends = i + 1 < recipe.epochs and (met or (recipe.early_stop is not None and waited >= recipe.early_stop))
+        last = not row.get("inside_epoch") and row["epoch"] == recipe.epochs  # the run's end anyway
+        ends = not last and (met or (recipe.early_stop is not None and waited >= recipe.early_stop))
         assert ("stopped" in row) == ends, (i, rows)
         assert ("target_steps" in row) == met, (i, rows)
         if met:
-            assert row["target_steps"] == row["step"] and row["target_samples"] == sum(
-                r["train_samples"] for r in rows[: i + 1]
-            )
+            assert row["target_steps"] == row["step"]
+            if not row.get("inside_epoch"):
+                assert row["target_samples"] == sum(r.get("train_samples", 0) for r in rows[: i + 1])
         if ends:
             assert i == len(rows) - 1, rows
             return
-    assert len(rows) == recipe.epochs, rows
+    assert sum(not r.get("inside_epoch") for r in rows) == recipe.epochs, rows
 
 
 # ---------------------------------------------------------------- (a) recipes on the command line

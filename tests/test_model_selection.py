@@ -255,3 +255,44 @@ def test_an_image_folder_with_val_and_test_validates_on_val_and_scores_test_once
     # Its own val/ is the validation split: holding images out of train/ as well is refused.
     refused = run_main(train_args(root, tmp_path / "data", tmp_path / "out2", *quick("--val-split", "5")))
     assert refused.returncode == 2 and "has its own val/ beside test/" in refused.stderr
+
+
+# ---------------------------------------------------------------- evaluations inside an epoch
+def test_eval_every_adds_evaluations_and_checkpoints_and_trains_the_same_weights(run_main, tiny_data, tmp_path):
+    flags = ["--val-split", str(HELD), "--epochs", "2", "--limit-train-batches", "12", "--keep-last", "20"]
+    plain = run_main(tiny_args(tiny_data, tmp_path, *flags, "--run-name", "plain"))
+    every = run_main(tiny_args(tiny_data, tmp_path, *flags, "--eval-every", "5", "--run-name", "every"))
+    assert plain.returncode == 0 and every.returncode == 0, every.stderr
+    rows = records(tmp_path / "every")
+    inside = [r for r in rows if r.get("inside_epoch")]
+    # Steps 5 and 10 in epoch 1, 15 and 20 in epoch 2 (12 and 24 end the epochs and evaluate anyway).
+    assert [(r["epoch"], r["step"]) for r in inside] == [(1, 5), (1, 10), (2, 15), (2, 20)]
+    assert all(r["valid_seen"] == HELD and "train_loss" not in r for r in inside)
+    steps = sorted(int(p.name.removeprefix("step_")) for p in (tmp_path / "every").glob("step_*"))
+    assert steps == [5, 10, 12, 15, 20, 24]
+    # The training is the same bit for bit; the epochs' records too, but for their timings and the
+    # test score, which follows `best` (chosen among all six evaluations).
+    timing = {"epoch_time_s", "eval_time_s", "warmup_s", "train_samples_per_s", "test_time_s"}
+
+    def same(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in timing and not k.startswith("test_")}
+
+    assert [same(r) for r in rows if not r.get("inside_epoch")] == [same(r) for r in records(tmp_path / "plain")]
+    a = load_file(tmp_path / "plain" / "step_0000024" / "model.safetensors")
+    b = load_file(tmp_path / "every" / "step_0000024" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    best = max(range(len(rows)), key=lambda i: rows[i]["valid_acc"])
+    assert (tmp_path / "every" / "best").resolve().name == f"step_{rows[best]['step']:07d}"
+    assert rows[-1]["test_step"] == rows[best]["step"]
+
+
+def test_a_target_met_inside_an_epoch_ends_the_run_there(run_main, tiny_data, tmp_path):
+    flags = ["--val-split", str(HELD), "--epochs", "3", "--eval-every", "3", "--stop-at", "valid_loss<1e9"]
+    result = run_main(tiny_args(tiny_data, tmp_path, *flags))
+    assert result.returncode == 0, result.stderr
+    (row,) = records(tmp_path / "mnist")
+    assert (row["inside_epoch"], row["step"], row["target_steps"], row["target_samples"]) == (True, 3, 3, 3 * 64)
+    assert row["test_seen"] == 1001 and row["test_step"] == 3 and row["stopped"].startswith("target")
+    assert "ended at step 3, in epoch 1 of 3: target valid_loss<1000000000.0 met" in result.stdout
+    again = run_main(["--output-dir", str(tmp_path), "--resume", "latest", "--progress", "plain"])
+    assert again.returncode == 0 and "run already complete (0 epochs)" in again.stdout

@@ -93,7 +93,7 @@ def test_a_one_epoch_run_reads_right(tmp_path, monkeypatch):
     assert fig._suptitle.get_text() == "run: 1 epoch, 3 steps"
     ax_loss, _, ax_acc = fig.axes
     assert list(ax_acc.get_xticks()) == [1]
-    assert "validation (end of each epoch)" in [t.get_text() for t in ax_loss.get_legend().get_texts()]
+    assert "validation (each evaluation)" in [t.get_text() for t in ax_loss.get_legend().get_texts()]
     fig.canvas.draw()
     for ax in (ax_loss, ax_acc):  # no plotted point lies under a legend
         box = ax.get_legend().get_window_extent()
@@ -127,7 +127,7 @@ def test_an_ema_run_draws_the_average_and_names_the_epoch_best_was_chosen_by(run
     assert list(ema_loss.get_ydata()) == [r["valid_loss_ema"] for r in metrics]
     assert list(ema_loss.get_xdata()) == [r["step"] for r in metrics]
     for ax, ema, raw in ((ax_acc, named, "valid, trained weights"), (ax_loss, "validation, EMA weights",
-                                                                     "validation (end of each epoch)")):  # fmt: skip
+                                                                     "validation (each evaluation)")):  # fmt: skip
         lines = lines_by_label(ax)
         assert lines[ema].get_linestyle() != lines[raw].get_linestyle()
         assert {ema, raw} <= {t.get_text() for t in ax.get_legend().get_texts()}

@@ -40,7 +40,7 @@ METAVARS = {
     "model": "NAME|MODULE:FN", "dataset": "NAME|imagefolder:PATH", "image_size": "N|HxW", "num_workers": "N",
     "weight_decay": "W", "betas": "B1,B2", "warmup_steps": "N", "grad_accum": "K", "clip_grad_norm": "X",
     "label_smoothing": "X", "ema": "DECAY", "val_split": "N|FRACTION", "early_stop": "N", "min_delta": "X",
-    "stop_at": "TARGET",
+    "eval_every": "N", "stop_at": "TARGET",
 }  # fmt: skip
 
 

@@ -118,6 +118,10 @@ class TrainConfig:
         "selection",
     )  # fmt: skip
     min_delta: float = _opt(0.0, "--early-stop: the least change that counts as an improvement", "selection")
+    eval_every: int | None = _opt(
+        None, "also evaluate and save every N optimizer steps inside an epoch (each evaluation counts for best and "
+        "--early-stop; the training is the same bit for bit)", "selection",
+    )  # fmt: skip
     stop_at: str | None = _opt(
         None, "end the run once an evaluation meets this target, e.g. 'valid_acc>=0.99' (time to it is recorded)",
         "selection",
@@ -281,6 +285,8 @@ class TrainConfig:
                               f"{self.val_split}")  # fmt: skip
         if self.monitor not in MONITORS:
             raise ConfigError(f"--monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1 optimizer step, got {self.eval_every}")
         if self.early_stop is not None and self.early_stop < 1:
             raise ConfigError(f"--early-stop must be at least 1 evaluation, got {self.early_stop}")
         if not 0 <= self.min_delta < math.inf:

@@ -421,7 +421,7 @@ class Trainer:
             )
         self._fitting = True
         if self._complete:
-            epochs = len(self.history)
+            epochs = self._epochs_done
             self.report.line(f"run already complete ({epochs} epoch{'s' if epochs != 1 else ''}): {self.run_dir}")
             self.close()
             return self.history
@@ -449,6 +449,10 @@ class Trainer:
                 self.close()
 
     @property
+    def _epochs_done(self) -> int:
+        return sum(not r.get("inside_epoch") for r in self.history)
+
+    @property
     def _complete(self) -> bool:
         """Nothing is left to train: the last epoch is done, or an evaluation ended the run early."""
         return self.position.epoch >= self.config.epochs or bool(self.history and self.history[-1].get("stopped"))
@@ -458,6 +462,8 @@ class Trainer:
         ends (its last epoch, --early-stop, --stop-at), the test split is scored once, on `best`."""
         cfg = self.config
         train = self.train_epoch()
+        if train is None:  # --early-stop or --stop-at ended the run inside the epoch
+            return
         eval_started, first_evaluation = time.perf_counter(), self._warmup["eval"] is None
         self.report.evaluating(self._eval_images(self.valid_size))
         valid = self.evaluate()
@@ -468,8 +474,43 @@ class Trainer:
         record = self._epoch_record(train, valid, averaged, eval_time)
         history = [*self.history, record]
         last = self.position.epoch + 1 >= cfg.epochs
+        self._decide_end(record, history, last)
+        self.position.next_epoch()
+        self._save(record, train["curve"])
+        # Every process takes part in this agreement, also one that already holds a signal.
+        # After the last epoch there is nothing left to stop: the run is complete.
+        if not self._complete and self._stop_agreed(force=True):
+            self._stop()
+
+    def _evaluate_inside_epoch(self) -> bool:
+        """--eval-every: an evaluation after this step, its record (no training numbers: the epoch's
+        come at its end) and a checkpoint; True when it ends the run. The generators are given back
+        as they were and the model goes back to training, so the training does not change."""
+        generators = state.torch_rng()
+        started, first_evaluation = time.perf_counter(), self._warmup["eval"] is None
+        self.report.evaluating(self._eval_images(self.valid_size))
+        valid = self.evaluate()
+        averaged = self.evaluate(self.ema.module) if self.ema is not None else None
+        self.report.evaluated()
+        eval_time = time.perf_counter() - started - valid.first_batch_s * first_evaluation
+        record = {"epoch": self.position.epoch + 1, "step": self.position.step, "inside_epoch": True,
+                  **self._evaluation_numbers(valid, averaged), "eval_time_s": eval_time,
+                  "num_processes": self.num_processes, "mixed_precision": self.accelerator.mixed_precision}  # fmt: skip
+        why = self._decide_end(record, [*self.history, record], last=False)
+        self._save(record)
+        self.model.train()
+        state.set_torch_rng(generators)
+        return why is not None
+
+    def _decide_end(self, record: dict[str, Any], history: list[dict[str, Any]], last: bool) -> str | None:
+        """Whether the run ends at this evaluation (its last epoch, --early-stop, --stop-at); the record
+        gains the reason, what reaching the target took and, when the run ends, the test score."""
+        cfg = self.config
         if cfg.target is not None and selection.target_met(record, cfg.target):  # the first time: it ends the run
-            record |= selection.time_to_target(history)
+            # Inside an epoch, the epoch's training so far counts too (its record comes at its end).
+            inside = bool(record.get("inside_epoch"))
+            record |= selection.time_to_target(history, self.stats.time_before * inside,
+                                               self.position.samples_in_epoch * inside)  # fmt: skip
         why = None if last else selection.why_stop(history, cfg)
         if why is not None:
             record["stopped"] = why
@@ -477,12 +518,7 @@ class Trainer:
             self.report.evaluating(self._eval_images(self.test_size))
             record |= self._test_on_best(history)
             self.report.evaluated()
-        self.position.next_epoch()
-        self._save(record, train["curve"])
-        # Every process takes part in this agreement, also one that already holds a signal.
-        # After the last epoch there is nothing left to stop: the run is complete.
-        if not self._complete and self._stop_agreed(force=True):
-            self._stop()
+        return why
 
     def _test_on_best(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         """The test split's score of `best`'s weights (the EMA's with --ema), when the run ends: the
@@ -504,12 +540,13 @@ class Trainer:
             if kept is not None:
                 module.load_state_dict(kept)
         return {"test_loss": result.loss, "test_acc": result.accuracy, "test_correct": result.correct,
-                "test_seen": result.seen, "test_epoch": history[best]["epoch"],
+                "test_seen": result.seen, "test_epoch": history[best]["epoch"], "test_step": history[best]["step"],
                 "test_time_s": time.perf_counter() - started}  # fmt: skip
 
-    def train_epoch(self) -> dict[str, Any]:
+    def train_epoch(self) -> dict[str, Any] | None:
         """Trains from the current position to the end of the epoch and returns its summary; saves
-        and raises Stopped when a stop signal is agreed on mid-epoch."""
+        and raises Stopped when a stop signal is agreed on mid-epoch. None: an evaluation inside the
+        epoch (--eval-every) ended the run."""
         cfg, acc, pos = self.config, self.accelerator, self.position
         per_step = self.samples_per_step
         if pos.samples_in_epoch == 0:
@@ -543,13 +580,24 @@ class Trainer:
                 untimed = per_step
             if self.report.enabled and (i + 1 - first) % show_every == 0:  # the main process shows progress
                 self.report.advance(i + 1, per_step, lr, probe.read_then_copy(loss))
-            stopping = i + 1 < first + remaining and self._stop_agreed(step=i + 1)
-            if stopping or (i + 1 < first + remaining and self._save_due()):
+            inside = i + 1 < first + remaining  # not the epoch's last step (its evaluation comes after it)
+            evaluated = inside and bool(cfg.eval_every) and pos.step % cfg.eval_every == 0
+            if evaluated:  # --eval-every: evaluate and save here; the training goes on as it would without
+                stats.time_before += time.perf_counter() - t0
+                self.report.end_epoch()
+                ended = self._evaluate_inside_epoch()
+                if ended:
+                    return None
+                self.report.start_epoch(pos.epoch + 1, cfg.epochs, first + remaining, i + 1)
+                t0 = time.perf_counter()
+            stopping = inside and self._stop_agreed(step=i + 1)
+            if stopping or (inside and not evaluated and self._save_due()):
                 stats.time_before += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if stopping:
                     self.report.end_epoch()
-                self._save()
+                if not evaluated:  # an evaluation inside the epoch saved this step already
+                    self._save()
                 if stopping:
                     self._stop()
         for _ in batches:  # lets accelerate's loader end its epoch (there is no batch left)
@@ -836,13 +884,15 @@ class Trainer:
     def _closing_summary(self) -> None:
         """How long it took, why it ended, the best epoch, its test score, where its checkpoint is
         and what to do with it."""
-        history, epochs = self.history, len(self.history)
-        seconds = sum(r["epoch_time_s"] + r["eval_time_s"] + r["warmup_s"] + r.get("test_time_s", 0) for r in history)
+        history, epochs = self.history, self._epochs_done
+        seconds = sum(r.get("epoch_time_s", 0) + r["eval_time_s"] + r.get("warmup_s", 0) + r.get("test_time_s", 0)
+                      for r in history)  # fmt: skip
         last, key = history[-1], self._best_key
         best = history[selection.best_index(history, key)]
         where = self.run_dir / ckpt.BEST_LINK
         if "stopped" in last:
-            self._tell(f"ended after epoch {last['epoch']} of {self.config.epochs}: {last['stopped']}")
+            where = f"at step {last['step']}, in epoch" if last.get("inside_epoch") else "after epoch"
+            self._tell(f"ended {where} {last['epoch']} of {self.config.epochs}: {last['stopped']}")
         if "target_steps" in last:
             self._tell(
                 f"time to {self.config.stop_at}: {last['target_train_s']:.1f} s of training and "
@@ -853,13 +903,13 @@ class Trainer:
         counts = f" ({best[key.replace('acc', 'correct')]}/{best['valid_seen']})" if "_acc" in key else ""
         self._tell(
             f"done: {epochs} epoch{'s' if epochs != 1 else ''} in {_duration(seconds)} of training and evaluation; "
-            f"best {metric}{' (EMA)' if self.ema is not None else ''} {best[key]:.4f}{counts} after epoch "
-            f"{best['epoch']}: {where}"
+            f"best {metric}{' (EMA)' if self.ema is not None else ''} {best[key]:.4f}{counts} "
+            f"{_when(best)}: {where}"
         )
         if "test_acc" in last:
             self._tell(
                 f"test: acc {last['test_acc']:.4f} ({last['test_correct']}/{last['test_seen']}), loss "
-                f"{last['test_loss']:.4f}, of epoch {last['test_epoch']}'s weights (scored once)"
+                f"{last['test_loss']:.4f}, of the weights {_when(best)} (scored once)"
             )
         if self.config.dataset != CUSTOM_DATA:  # the tools rebuild the data from the checkpoint
             model = f" --model {self.factory}" if self.factory else ""
@@ -886,11 +936,7 @@ class Trainer:
             "train_loss": train["loss"],
             "train_acc": train["acc"],
             "train_samples": train["samples"],
-            "valid_loss": valid.loss,
-            "valid_acc": valid.accuracy,
-            "valid_correct": valid.correct,
-            "valid_seen": valid.seen,
-            "validation": self.data.validation,
+            **self._evaluation_numbers(valid, None),
             "lr": train["curve"]["lr"][-1],  # the LR of the epoch's last step (the scheduler is one ahead)
             "epoch_time_s": train["time_s"],
             "eval_time_s": eval_time,
@@ -904,9 +950,17 @@ class Trainer:
         if self.config.clip_grad_norm is not None:  # the norms before clipping
             record |= {"grad_norm_mean": train["grad_norm_mean"], "grad_norm_max": train["grad_norm_max"]}
         if averaged is not None:
-            record |= {"valid_loss_ema": averaged.loss, "valid_acc_ema": averaged.accuracy,
-                       "valid_correct_ema": averaged.correct}  # fmt: skip
+            record |= {k: v for k, v in self._evaluation_numbers(valid, averaged).items() if k.endswith("_ema")}
         return record
+
+    def _evaluation_numbers(self, valid: EvalResult, averaged: EvalResult | None) -> dict[str, Any]:
+        """An evaluation's part of a record: the validation split's numbers (and the EMA's)."""
+        numbers = {"valid_loss": valid.loss, "valid_acc": valid.accuracy, "valid_correct": valid.correct,
+                   "valid_seen": valid.seen, "validation": self.data.validation}  # fmt: skip
+        if averaged is not None:
+            numbers |= {"valid_loss_ema": averaged.loss, "valid_acc_ema": averaged.accuracy,
+                        "valid_correct_ema": averaged.correct}  # fmt: skip
+        return numbers
 
     @property
     def _best_key(self) -> str:
@@ -925,7 +979,10 @@ class Trainer:
         acc, pos = self.accelerator, self.position
         self._check_finite(record)
         if record is not None:
-            self.log.add_epoch(record, curve)
+            if curve is None:  # an evaluation inside the epoch
+                self.log.add_evaluation(record)
+            else:
+                self.log.add_epoch(record, curve)
             self.report.epoch_row(record)
         rng = {k: acc.gather(v.to(acc.device).unsqueeze(0)).cpu() for k, v in state.rng_state().items()}
         progress = {}
@@ -1027,6 +1084,15 @@ def _yield_of(trainer: Trainer) -> Callable[[], None]:
             alive._yield_run_dir()
 
     return yield_run_dir
+
+
+def _when(record: dict[str, Any]) -> str:
+    """When a record's evaluation came: after its epoch, or at its step inside the epoch."""
+    return (
+        f"at step {record['step']} (epoch {record['epoch']})"
+        if record.get("inside_epoch")
+        else (f"after epoch {record['epoch']}")
+    )
 
 
 def _duration(seconds: float) -> str:

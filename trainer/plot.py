@@ -81,19 +81,22 @@ def _count(n: int, noun: str) -> str:
 
 def plot_run(run_dir: Path, out: Path) -> Path:
     """Draws the run's three panels into `out` (PNG) and returns it."""
-    metrics = read_jsonl(run_dir / METRICS_NAME)
+    evaluations = read_jsonl(run_dir / METRICS_NAME)
+    metrics = [r for r in evaluations if not r.get("inside_epoch")]  # the epochs' records (--eval-every adds others)
+    if not metrics:
+        raise RunError(f"{run_dir / METRICS_NAME} holds no finished epoch yet")
     curves = read_jsonl(run_dir / CURVES_NAME)
     try:
         steps, losses = step_series(curves, "loss")
         lr_steps, lrs = step_series(curves, "lr")
         epochs = [r["epoch"] for r in metrics]
         train_acc, valid_acc = [r["train_acc"] for r in metrics], [r["valid_acc"] for r in metrics]
-        valid_steps, valid_loss = [r["step"] for r in metrics], [r["valid_loss"] for r in metrics]
+        valid_steps, valid_loss = [r["step"] for r in evaluations], [r["valid_loss"] for r in evaluations]
         # An --ema run logs its average's evaluation too, and its `best` follows the average's
         # accuracy (as Trainer._best_key chooses): the legend names that epoch.
         ema = all(EMA_ACC in r for r in metrics)
         valid_acc_ema = [r[EMA_ACC] for r in metrics] if ema else []
-        valid_loss_ema = [r["valid_loss_ema"] for r in metrics] if ema else []
+        valid_loss_ema = [r["valid_loss_ema"] for r in evaluations] if ema else []
     except (KeyError, TypeError) as exc:
         raise RunError(f"{run_dir}: logs lack the field {exc} (written by another version?)") from None
     try:
@@ -106,7 +109,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
     ax_loss.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
     ax_loss.plot(steps, smooth(losses, len(losses) / 20), color="tab:blue", linewidth=1.8, label="smoothed")
-    ax_loss.plot(valid_steps, valid_loss, color="tab:red", marker="o", label="validation (end of each epoch)")
+    ax_loss.plot(valid_steps, valid_loss, color="tab:red", marker="o", label="validation (each evaluation)")
     if ema:
         ax_loss.plot(valid_steps, valid_loss_ema, color="tab:purple", marker="s", linestyle="--",
                      label="validation, EMA weights")  # fmt: skip

@@ -68,6 +68,14 @@ class RunLog:
         self.write()
         self._log_to_trackers(record, curve)
 
+    def add_evaluation(self, record: dict[str, Any]) -> None:
+        """Appends an evaluation inside an epoch (--eval-every), rewrites metrics.jsonl, logs it to the trackers."""
+        self.history.append(record)
+        self.write()
+        if self.accelerator.log_with:
+            scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and k not in ("step", "epoch")}
+            self.accelerator.log({f"eval/{k}": v for k, v in scalars.items()}, step=record["step"])
+
     def _log_to_trackers(self, record: dict[str, Any], curve: dict[str, Any]) -> None:
         """--log-with: the per-step loss and LR, then the epoch's metrics, at their optimizer steps."""
         acc = self.accelerator

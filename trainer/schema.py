@@ -117,6 +117,7 @@ RECORD = {
     "test_correct": Optional(NATURAL),
     "test_seen": Optional(NATURAL),
     "test_epoch": Optional(POSITIVE),
+    "test_step": Optional(NATURAL),  # of the weights scored: `best`'s evaluation
     "test_time_s": Optional(SECONDS),
     "stopped": Optional(str),
     "target_train_s": Optional(SECONDS),
@@ -124,6 +125,12 @@ RECORD = {
     "target_steps": Optional(NATURAL),
     "target_samples": Optional(NATURAL),
 }
+# One line of metrics.jsonl for an evaluation inside an epoch (--eval-every): no training numbers.
+EVALUATION = {
+    "inside_epoch": Check("true", lambda v: v is True),
+    **{k: v for k, v in RECORD.items() if not k.startswith(("train_", "grad_norm")) and k not in (
+        "lr", "epoch_time_s", "warmup_s")},
+}  # fmt: skip
 STATE = {
     "format_version": int,
     "trainer_version": str,
@@ -143,7 +150,7 @@ STATE = {
     # the first world size's samples per step), so that a resume on N processes trains the same epochs.
     "limit_samples": (POSITIVE, None),
     "mixed_precision": Check(f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS),
-    "history": [RECORD],
+    "history": [(RECORD, EVALUATION)],
     "curves": [Map(Check("a curve's name", lambda v: isinstance(v, str)), (NATURAL, [NUMBER]))],
     "data_digest": (SHA256, None),
     "lineage": ({"parent": str, "step": NATURAL, "sha256": SHA256}, None),
@@ -277,12 +284,17 @@ def check_state(folder: Path, state: Any) -> TrainConfig:
     if state["data_order"]["seed"] != config.seed:
         raise CheckpointError(f"{path}: data_order.seed {state['data_order']['seed']} is not config.seed")
     history = state["history"]
-    if [r["epoch"] for r in history] != list(range(1, state["epoch"] + 1)):
+    ends = [r for r in history if not r.get("inside_epoch")]
+    if [r["epoch"] for r in ends] != list(range(1, state["epoch"] + 1)) or any(
+        r["epoch"] > state["epoch"] + 1 for r in history
+    ):
         raise CheckpointError(f"{path}: history does not hold one record for each of its {state['epoch']} epochs")
     for i, record in enumerate(history):
         for key, setting in (("grad_norm_mean", config.clip_grad_norm), ("grad_norm_max", config.clip_grad_norm),
                              ("valid_loss_ema", config.ema), ("valid_acc_ema", config.ema),
                              ("valid_correct_ema", config.ema)):  # fmt: skip
+            if key.startswith("grad_norm") and record.get("inside_epoch"):
+                continue
             if (key in record) != (setting is not None):
                 raise CheckpointError(f"{path}: history[{i}] {'has' if key in record else 'lacks'} {key}")
         for suffix in ("", "_ema") if config.ema is not None else ("",):

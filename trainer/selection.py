@@ -65,12 +65,14 @@ def why_stop(history: list[dict[str, Any]], config: TrainConfig) -> str | None:
     return None
 
 
-def time_to_target(history: list[dict[str, Any]]) -> dict[str, float | int]:
+def time_to_target(history: list[dict[str, Any]], train_s: float = 0.0, samples: int = 0) -> dict[str, float | int]:
     """What reaching the last record took: training and evaluation seconds (warm-up counted with
-    training), optimizer steps and training samples."""
+    training), optimizer steps and training samples; `train_s` and `samples` are those of an epoch
+    that the record is inside of (--eval-every)."""
+    epochs = [r for r in history if not r.get("inside_epoch")]
     return {
-        "target_train_s": sum(r["epoch_time_s"] + r["warmup_s"] for r in history),
+        "target_train_s": sum(r["epoch_time_s"] + r["warmup_s"] for r in epochs) + train_s,
         "target_eval_s": sum(r["eval_time_s"] for r in history),
         "target_steps": history[-1]["step"],
-        "target_samples": sum(r["train_samples"] for r in history),
+        "target_samples": sum(r["train_samples"] for r in epochs) + samples,
     }

@@ -31,7 +31,7 @@ RECIPE_CHECKED = (
     "model", "dataset", "image_size", "epochs", "batch_size", "lr", "momentum", "cycle_momentum", "seed",
     "limit_train_batches", "optimizer", "weight_decay", "betas", "schedule", "warmup_steps", "grad_accum",
     "clip_grad_norm", "label_smoothing", "ema", "augment", "val_split", "monitor", "early_stop", "min_delta",
-    "stop_at",
+    "stop_at", "eval_every",
 )  # fmt: skip
 
 
