@@ -252,6 +252,8 @@ class Trainer:
 
     def _setup_model(self, model: nn.Module | None, class_names: Any) -> None:
         cfg, shape = self.config, self.data.input_shape
+        if class_names is not None and len(class_names) == 0:  # else taken as no names at all
+            raise ConfigError('class_names is empty: give one name per class, or leave it out (then "0".."C-1")')
         names = self.data.class_names or (tuple(str(n) for n in class_names) if class_names is not None else None)
         if names is not None and len(set(names)) < len(names):  # predictions name classes: each name once
             twice = sorted({n for n in names if names.count(n) > 1})

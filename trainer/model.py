@@ -115,7 +115,8 @@ def output_classes(model: nn.Module, one_input: Tensor) -> int:
         with torch.no_grad():
             logits = model(one_input)
     except Exception as exc:  # noqa: BLE001 (the user's model and data do not fit: say so in one line)
-        raise ConfigError(f"the model cannot take one input of shape {tuple(one_input.shape[1:])}: {exc}") from None
+        shape = tuple(one_input.shape[1:])
+        raise ConfigError(f"the model cannot take one input of shape {shape}: {first_line(exc)}") from None
     finally:
         model.train(was_training)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
