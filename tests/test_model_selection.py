@@ -157,6 +157,8 @@ def test_early_stop_ends_the_run_and_a_stop_in_between_resumes_to_the_same_end(r
     assert f"ended after epoch {len(rows)} of 8: early stop: valid_acc did not improve in 1 evaluations" in (
         unbroken.stdout
     )
+    assert f"after epoch {len(rows) - 1}: {tmp_path / 'unbroken' / 'best'}\n" in unbroken.stdout
+    assert f"python -m trainer.evaluate {tmp_path / 'unbroken' / 'best'}" in unbroken.stdout
     # A SIGTERM in the middle of the epoch that ends the run, then a resume: the same end.
     monkeypatch.setenv("COMBO_STOP_AT", str(rows[-2]["step"] + 3))
     stopped = run_main(tiny_args(tiny_data, tmp_path, *flags, "--run-name", "stopped"))
@@ -296,3 +298,36 @@ def test_a_target_met_inside_an_epoch_ends_the_run_there(run_main, tiny_data, tm
     assert "ended at step 3, in epoch 1 of 3: target valid_loss<1000000000.0 met" in result.stdout
     again = run_main(["--output-dir", str(tmp_path), "--resume", "latest", "--progress", "plain"])
     assert again.returncode == 0 and "run already complete (0 epochs)" in again.stdout
+
+
+# ---------------------------------------------------------------- one source of truth for the recipe
+# A changed value of each field that decides the numbers (TrainConfig's "recipe" and "selection"
+# groups, state.RECIPE_CHECKED); some need a companion flag to be a valid setting at all.
+CHANGED = {
+    "epochs": ["--epochs", "5"], "batch_size": ["--batch-size", "32"], "lr": ["--lr", "0.1"],
+    "momentum": ["--momentum", "0.5"], "cycle_momentum": ["--no-cycle-momentum"], "seed": ["--seed", "3"],
+    "optimizer": ["--optimizer", "adamw"], "weight_decay": ["--weight-decay", "0.1"],
+    "betas": ["--optimizer", "adamw", "--betas", "0.8,0.9"], "schedule": ["--schedule", "cosine"],
+    "warmup_steps": ["--schedule", "cosine", "--warmup-steps", "2"], "grad_accum": ["--grad-accum", "2"],
+    "clip_grad_norm": ["--clip-grad-norm", "1.0"], "label_smoothing": ["--label-smoothing", "0.1"],
+    "ema": ["--ema", "0.9"], "augment": ["--augment"], "model": ["--model", "helpers.models:small_cnn"],
+    "dataset": ["--dataset", "fashion-mnist"],
+    "image_size": ["--dataset", "imagefolder:elsewhere", "--image-size", "8"],
+    "limit_train_batches": ["--limit-train-batches", "3"], "val_split": ["--val-split", "100"],
+    "monitor": ["--monitor", "valid_loss"], "early_stop": ["--early-stop", "2"],
+    "min_delta": ["--early-stop", "2", "--min-delta", "0.1"], "eval_every": ["--eval-every", "5"],
+    "stop_at": ["--stop-at", "valid_acc>=0.9"],
+}  # fmt: skip
+
+
+def test_every_field_that_decides_the_numbers_is_kept_on_resume(run_main, tiny_run, tmp_path):
+    from trainer.state import RECIPE_CHECKED
+
+    assert set(CHANGED) == set(RECIPE_CHECKED)  # a new recipe field needs its line here
+    checkpoint = str(sorted(tiny_run.glob("step_*"))[0])
+    for name, flags in CHANGED.items():
+        result = run_main(["--resume", checkpoint, "--output-dir", str(tmp_path), "--run-name", name, *flags])
+        changed = [n for n in CHANGED if CHANGED[n][0] == flags[0] or n == name]
+        assert result.returncode == 2, (name, result.stdout[-500:])
+        assert any(f"was trained with {n}=" in result.stderr for n in changed), (name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / name).exists(), name

@@ -893,8 +893,8 @@ class Trainer:
         best = history[selection.best_index(history, key)]
         where = self.run_dir / ckpt.BEST_LINK
         if "stopped" in last:
-            where = f"at step {last['step']}, in epoch" if last.get("inside_epoch") else "after epoch"
-            self._tell(f"ended {where} {last['epoch']} of {self.config.epochs}: {last['stopped']}")
+            when = f"at step {last['step']}, in epoch" if last.get("inside_epoch") else "after epoch"
+            self._tell(f"ended {when} {last['epoch']} of {self.config.epochs}: {last['stopped']}")
         if "target_steps" in last:
             self._tell(
                 f"time to {self.config.stop_at}: {last['target_train_s']:.1f} s of training and "

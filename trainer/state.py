@@ -8,6 +8,7 @@ to safetensors files; everything else is JSON in state.json. Nothing is pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -26,13 +27,11 @@ from trainer.errors import first_line
 
 # In ema.safetensors beside the averaged weights: how many updates they hold (AveragedModel's n_averaged).
 EMA_COUNT = "n_averaged"
-# Recipe fields a checkpoint must agree on with the run that resumes it.
-RECIPE_CHECKED = (
-    "model", "dataset", "image_size", "epochs", "batch_size", "lr", "momentum", "cycle_momentum", "seed",
-    "limit_train_batches", "optimizer", "weight_decay", "betas", "schedule", "warmup_steps", "grad_accum",
-    "clip_grad_norm", "label_smoothing", "ema", "augment", "val_split", "monitor", "early_stop", "min_delta",
-    "stop_at", "eval_every",
-)  # fmt: skip
+# The fields a checkpoint must agree on with the run that resumes it: those that decide the numbers
+# (TrainConfig's "recipe" and "selection" groups).
+RECIPE_CHECKED = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] in ("recipe", "selection")
+)
 
 
 @dataclass
