@@ -29,8 +29,12 @@ from trainer.errors import first_line
 EMA_COUNT = "n_averaged"
 # The fields a checkpoint must agree on with the run that resumes it: those that decide the numbers
 # (TrainConfig's "recipe" and "selection" groups).
+# What the run is (its model and data) comes first: a resume that names another model says so.
 RECIPE_CHECKED = tuple(
-    f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] in ("recipe", "selection")
+    sorted(
+        (f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] in ("recipe", "selection")),
+        key=lambda name: name not in ("model", "dataset", "image_size"),
+    )
 )
 
 
