@@ -466,13 +466,7 @@ class Trainer:
         train = self.train_epoch()
         if train is None:  # --early-stop or --stop-at ended the run inside the epoch
             return
-        eval_started, first_evaluation = time.perf_counter(), self._warmup["eval"] is None
-        self.report.evaluating(self._eval_images(self.valid_size))
-        valid = self.evaluate()
-        averaged = self.evaluate(self.ema.module) if self.ema is not None else None
-        self.report.evaluated()
-        # The first evaluation batch of this process is warm-up (warmup_s), not evaluation.
-        eval_time = time.perf_counter() - eval_started - valid.first_batch_s * first_evaluation
+        valid, averaged, eval_time = self._validate()
         record = self._epoch_record(train, valid, averaged, eval_time)
         history = [*self.history, record]
         last = self.position.epoch + 1 >= cfg.epochs
@@ -484,17 +478,22 @@ class Trainer:
         if not self._complete and self._stop_agreed(force=True):
             self._stop()
 
-    def _evaluate_inside_epoch(self) -> bool:
-        """--eval-every: an evaluation after this step, its record (no training numbers: the epoch's
-        come at its end) and a checkpoint; True when it ends the run. The generators are given back
-        as they were and the model goes back to training, so the training does not change."""
-        generators = state.torch_rng()
+    def _validate(self) -> tuple[EvalResult, EvalResult | None, float]:
+        """The validation split's evaluation of the trained weights and of the EMA's, and its seconds."""
         started, first_evaluation = time.perf_counter(), self._warmup["eval"] is None
         self.report.evaluating(self._eval_images(self.valid_size))
         valid = self.evaluate()
         averaged = self.evaluate(self.ema.module) if self.ema is not None else None
         self.report.evaluated()
-        eval_time = time.perf_counter() - started - valid.first_batch_s * first_evaluation
+        # The first evaluation batch of this process is warm-up (warmup_s), not evaluation.
+        return valid, averaged, time.perf_counter() - started - valid.first_batch_s * first_evaluation
+
+    def _evaluate_inside_epoch(self) -> bool:
+        """--eval-every: an evaluation after this step, its record (no training numbers: the epoch's
+        come at its end) and a checkpoint; True when it ends the run. The generators are given back
+        as they were and the model goes back to training, so the training does not change."""
+        generators = state.torch_rng()
+        valid, averaged, eval_time = self._validate()
         record = {"epoch": self.position.epoch + 1, "step": self.position.step, "inside_epoch": True,
                   **self._evaluation_numbers(valid, averaged), "eval_time_s": eval_time,
                   "num_processes": self.num_processes, "mixed_precision": self.accelerator.mixed_precision}  # fmt: skip
