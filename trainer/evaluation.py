@@ -178,7 +178,7 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
                 "metadata says"
             )
     model = build_model(spec, num_classes, input_shape)
-    used = "trained"
+    used = "EMA" if meta.get("weights") == "EMA" else "trained"  # an exported folder says which
     if files.ema is not None:  # a checkpoint trained with --ema: its averaged weights
         try:
             state = {k: v for k, v in load_file(files.ema).items() if k != "n_averaged"}

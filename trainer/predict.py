@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "checkpoint", help="a checkpoint folder (step_*), a `best` link, a model.safetensors, a run folder (its best)"
+        "checkpoint",
+        help="a checkpoint folder (step_*), a `best` link, a model.safetensors, a run folder (its best), a folder "
+        "or an .onnx file written by `python -m trainer.export`",
     )
     parser.add_argument(
         "images", nargs="+", metavar="IMAGE", help="image files, or folders of them (not their subfolders)"
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         return fail(f"--top-k must be at least 1, got {args.top_k}")
     try:
-        loaded = load_model(args.checkpoint, args.model)
+        loaded = _load(args.checkpoint, args.model)
     except (CheckpointError, ConfigError) as exc:
         return fail(str(exc))
     digits = loaded.dataset in DATASET_INFO  # MNIST and its siblings: ink on paper, made as MNIST was
@@ -238,6 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and write_json(entries, args.json):
         failed += 1
     return 2 if failed else 0
+
+
+def _load(checkpoint: str, model: str | None) -> Any:
+    """A checkpoint's model, an exported folder's, or an ONNX file's (by its kind, run by onnxruntime)."""
+    if checkpoint.endswith(".onnx") and not os.path.isdir(checkpoint):
+        from trainer.export import load_onnx
+
+        return load_onnx(checkpoint)
+    if checkpoint.endswith(".pt2") and not os.path.isdir(checkpoint):
+        raise ConfigError(f"{checkpoint}: torch.export.load unpickles a .pt2 file, which can run any code; predict "
+                          "reads the checkpoint, the exported folder or the .onnx file instead")  # fmt: skip
+    return load_model(checkpoint, model)
 
 
 def image_files(names: list[str]) -> list[str]:

@@ -31,3 +31,19 @@ class _WithUnused(nn.Module):
 def with_unused_parameter(num_classes: int, in_channels: int) -> nn.Module:
     """small_cnn beside a layer that forward never calls (DDP then needs find_unused_parameters)."""
     return _WithUnused(num_classes, in_channels)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.net = small_cnn(num_classes, in_channels)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on the data: no exporter can write one graph for it
+            return self.net(x)
+        return -self.net(x)
+
+
+def data_dependent(num_classes: int, in_channels: int) -> nn.Module:
+    """small_cnn behind a branch on the input's values, which torch.export and ONNX cannot express."""
+    return _DataDependent(num_classes, in_channels)
