@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import trainer
 from trainer import checkpoint as ckpt
 from trainer import export as ex
 from trainer import predict
@@ -25,7 +26,14 @@ from trainer.data import load_split
 from trainer.evaluation import load_model
 from trainer.model import build_model
 
-TOLERANCE = 1e-5  # the issue's: ONNX Runtime's logits against torch's
+# ONNX Runtime's logits against torch's: the issue asks 1e-5, and here they are within 8.6e-6 of
+# logits up to 17.5 (docs/exporting.md), a few float32 steps. Its kernels and their order of sums
+# differ from CPU to CPU, so the test allows a few steps more: 1e-5 or 2e-6 x the largest logit.
+TOLERANCE = 1e-5
+
+
+def tolerance(reference: torch.Tensor) -> float:
+    return max(TOLERANCE, 2e-6 * float(reference.abs().max()))
 
 
 def export_main(*args: str) -> int:
@@ -76,14 +84,14 @@ def test_onnx_in_onnxruntime_gives_torchs_logits_and_predictions_on_all_test_ima
     assert [i.name for i in session.get_inputs()] == ["pixels"] and session.get_inputs()[0].shape[1:] == [1, 28, 28]
     (logits,) = session.run(["logits"], {"pixels": pixels.numpy()})
     assert logits.shape == (10_000, 10)
-    assert np.abs(logits - reference.numpy()).max() <= TOLERANCE
+    assert np.abs(logits - reference.numpy()).max() <= tolerance(reference)
     predicted = torch.from_numpy(logits).argmax(dim=1)
     assert torch.equal(predicted, reference.argmax(dim=1))
     # The same count the run's one test score has: 10,000 images, nothing dropped or padded.
     assert int((predicted == labels).sum()) == recorded_test_score(mnist_1_epoch)["test_correct"]
     for n in (1, 7):  # a dynamic batch dimension
         (few,) = session.run(["logits"], {"pixels": pixels[:n].numpy()})
-        assert np.abs(few - reference[:n].numpy()).max() <= TOLERANCE
+        assert np.abs(few - reference[:n].numpy()).max() <= tolerance(reference)
     meta = json.loads(session.get_modelmeta().custom_metadata_map[ex.METADATA_KEY])
     assert meta["class_names"] == [str(k) for k in range(10)] and meta["input_shape"] == [1, 28, 28]
     assert meta["normalization"] == {"divide_by": 255.0, "mean": 0.0, "std": 1.0} and meta["dataset"] == "mnist"
@@ -94,9 +102,8 @@ def test_the_torch_export_program_loads_and_gives_the_same_logits(exported, mnis
     program = torch.export.load(exported / "model.pt2", extra_files=extra)
     with torch.no_grad():
         logits = program.module()(mnist_test[0])
-        assert (logits - reference).abs().max() <= TOLERANCE
-        assert torch.equal(logits.argmax(dim=1), reference.argmax(dim=1))
-        assert (program.module()(mnist_test[0][:3]) - reference[:3]).abs().max() <= TOLERANCE
+        assert torch.equal(logits, reference)  # the same kernels as torch's eager run: bitwise here
+        assert torch.equal(program.module()(mnist_test[0][:3]), reference[:3])
     assert json.loads(extra[ex.PT2_EXTRA])["class_names"] == [str(k) for k in range(10)]
 
 
@@ -202,13 +209,14 @@ def architectures(draw):
     normalization = draw(st.sampled_from([
         {"divide_by": 255.0, "mean": 0.0, "std": 1.0}, {"divide_by": 255.0, "mean": 0.1307, "std": 0.3081},
         {"divide_by": 1.0, "mean": 127.5, "std": 64.0}]))  # fmt: skip
-    return architecture, shape, classes, normalization, draw(st.integers(0, 2**31 - 1))
+    weights = draw(st.sampled_from(["trained", "EMA"]))
+    return architecture, shape, classes, normalization, weights, draw(st.integers(0, 2**31 - 1))
 
 
 @given(drawn=architectures())
 @budget(3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_drawn_architectures_export_to_graphs_that_agree_with_torch(drawn, tmp_path_factory):
-    architecture, shape, classes, normalization, seed = drawn
+    architecture, shape, classes, normalization, which, seed = drawn
     torch.manual_seed(seed)
     model = build_model(architecture, classes, shape).eval()
     for m in model.modules():  # BatchNorm statistics that are not the identity
@@ -216,23 +224,27 @@ def test_drawn_architectures_export_to_graphs_that_agree_with_torch(drawn, tmp_p
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     folder = tmp_path_factory.mktemp("drawn")
-    weights = weights_file(folder / "w", model, architecture, shape, classes, normalization)
+    weights = weights_file(folder / "w", model, architecture, shape, classes, normalization, which)
     spec = None if architecture == "blog_resnet" else architecture
     pixels = torch.randint(0, 256, (5, *shape)).float()
     loaded = load_model(weights, spec)
     with torch.no_grad():
         expected = ex.PixelsToLogits(loaded.model, loaded.normalization)(pixels)
-    scale = max(1.0, float(expected.abs().max()))
     onnx_file = ex.export(weights, "onnx", folder / "m.onnx", spec)
     (got,) = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(
         ["logits"], {"pixels": pixels.numpy()})  # fmt: skip
-    assert got.shape == (5, classes) and np.abs(got - expected.numpy()).max() <= TOLERANCE * scale
+    assert got.shape == (5, classes) and np.abs(got - expected.numpy()).max() <= tolerance(expected)
     program = torch.export.load(ex.export(weights, "torch-export", folder / "m.pt2", spec))
     with torch.no_grad():
-        assert (program.module()(pixels[:2]) - expected[:2]).abs().max() <= TOLERANCE * scale
+        assert torch.equal(program.module()(pixels[:2]), expected[:2])  # torch's own kernels: bitwise
     # predict's ONNX reader agrees with the classes and shape the weights' metadata give.
     read = ex.load_onnx(onnx_file)
-    assert read.class_names == loaded.class_names and read.input_shape == shape
+    assert read.class_names == loaded.class_names and read.input_shape == shape and read.weights == which
+    # The Hugging Face-style folder: the same module, bitwise, and which weights these are.
+    again = trainer.from_pretrained(ex.export(weights, "hf", folder / "hf", spec), spec)
+    assert again.weights == which and again.normalization == loaded.normalization
+    with torch.no_grad():
+        assert torch.equal(ex.PixelsToLogits(again.model, again.normalization)(pixels), expected)
 
 
 # --- refusals: one line, exit 2, nothing already there changed

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["EvalResult", "Stopped", "TrainConfig", "Trainer", "__version__", "load_weights"]
+__all__ = ["EvalResult", "Stopped", "TrainConfig", "Trainer", "__version__", "from_pretrained", "load_weights"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from trainer.evaluation import load_weights
 
         return load_weights
+    if name == "from_pretrained":
+        from trainer.export import from_pretrained
+
+        return from_pretrained
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")
