@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torchvision
 import torchvision.transforms as transforms
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from trainer.model import build_model
 
@@ -55,23 +56,51 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def blog_loaders(data_dir: str, batch_size: int = BATCH_SIZE) -> tuple[DataLoader, DataLoader]:
-    """The blog's two loaders; the files must already be in `data_dir`/MNIST/raw (no download)."""
+def blog_loaders(
+    data_dir: str,
+    batch_size: int = BATCH_SIZE,
+    train_indices: Sequence[int] | None = None,
+    valid_indices: Sequence[int] | None = None,
+) -> tuple[DataLoader, DataLoader]:
+    """The blog's two loaders; the files must already be in `data_dir`/MNIST/raw (no download).
+
+    Without indices, the blog's: all 60,000 training images, and the test split shuffled with its
+    last partial batch dropped. `train_indices` trains on those training images only (still
+    shuffled, `drop_last`, as the blog does); `valid_indices` validates on those training images
+    instead of the test split, each once, in order, the last partial batch included (the way the
+    trainer evaluates its held-out images: benchmarks/time_to_target.py)."""
     t = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=(0,), std=(1,))])
     train = torchvision.datasets.MNIST(data_dir, train=True, download=False, transform=t)
-    valid = torchvision.datasets.MNIST(data_dir, train=False, download=False, transform=t)
+    if valid_indices is None:
+        valid = torchvision.datasets.MNIST(data_dir, train=False, download=False, transform=t)
+    else:
+        valid = Subset(train, list(valid_indices))
+    if train_indices is not None:
+        train = Subset(train, list(train_indices))
     dl_train = DataLoader(train, batch_size=batch_size, drop_last=True, shuffle=True)
-    dl_valid = DataLoader(valid, batch_size=batch_size, drop_last=True, shuffle=True)  # as in the blog
+    if valid_indices is None:
+        dl_valid = DataLoader(valid, batch_size=batch_size, drop_last=True, shuffle=True)  # as in the blog
+    else:
+        dl_valid = DataLoader(valid, batch_size=batch_size, drop_last=False, shuffle=False)  # every image, once
     return dl_train, dl_valid
 
 
 class BlogRun:
     """One seeded run of the blog's recipe, an epoch at a time (`train_epoch`, then `evaluate`)."""
 
-    def __init__(self, data_dir: str, epochs: int, device: torch.device, seed: int = SEED) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        epochs: int,
+        device: torch.device,
+        seed: int = SEED,
+        train_indices: Sequence[int] | None = None,
+        valid_indices: Sequence[int] | None = None,
+    ) -> None:
+        """`train_indices` / `valid_indices`: see `blog_loaders` (None: the blog's own data)."""
         set_seed(seed)
         self.device = device
-        self.dl_train, self.dl_valid = blog_loaders(data_dir)
+        self.dl_train, self.dl_valid = blog_loaders(data_dir, train_indices=train_indices, valid_indices=valid_indices)
         self.model = build_model("blog_resnet").to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
         self.loss_fn = nn.CrossEntropyLoss()
