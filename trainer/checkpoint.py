@@ -136,12 +136,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_lines_atomic(path: Path, rows: list[Any]) -> None:
-    """Replaces `path` with one JSON line per row, so that readers (and a full disk) leave the old
-    file or the new one, never half of one."""
+    """Replaces `path` with one JSON line per row (see write_text_atomic)."""
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replaces `path` with `text`, so that readers (and a full disk) leave the old file or the new
+    one, never half of one."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write("".join(json.dumps(row) + "\n" for row in rows))
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-from trainer.config import MODEL_NAMES, TrainConfig
+from trainer.config import GROUP_TITLES, MODEL_NAMES, TrainConfig, read_settings
 from trainer.errors import ConfigError, HelpFormatter, Parser, fail
 from trainer.runtime import catch_early_warnings
 
@@ -19,8 +20,6 @@ from trainer.runtime import catch_early_warnings
 # run folder is the checkpoint's own unless --run-name branches off; see parse_config).
 NOT_RESUMED = ("resume", "init_from", "cpu", "progress", "output_dir", "run_name", "mixed_precision", "threads",
                "requeue_signal")  # fmt: skip
-GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "selection": "model selection (decides best and the end)",
-                "data": "data and evaluation", "infra": "infrastructure"}  # fmt: skip
 
 
 def _flag_type(annotation: str) -> type:
@@ -59,6 +58,11 @@ def build_parser(typed_only: bool = False) -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS if typed_only else None,
     )
     parser.add_argument("--version", action="version", version=f"trainer {__version__}")
+    parser.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS if typed_only else None,
+        help="take the settings of a YAML file (a run folder's config.yaml, or your own: field: value lines); the "
+        "flags you type override it",
+    )  # fmt: skip
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -85,9 +89,19 @@ def build_parser(typed_only: bool = False) -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags -> TrainConfig: TrainConfig's defaults, then (with --resume) the checkpoint's settings,
-    then the flags the user typed."""
+    then the flags the user typed, a --config file's settings among them (under the typed flags)."""
     values = vars(build_parser().parse_args(argv))  # --help, --version and malformed values end here
     typed = vars(build_parser(typed_only=True).parse_args(argv))
+    path = values.pop("config")
+    typed.pop("config", None)
+    if path is not None:  # the file's settings count as typed flags: a resume checks them against its recipe
+        settings = read_settings(path)
+        if settings.get("resume") is not None:
+            raise ConfigError(f"the config file {path} sets resume: {settings['resume']}; resuming is the command's "
+                              f"choice: pass --resume {settings['resume']} with --config")  # fmt: skip
+        if typed.get("resume", "auto") != "auto" and "init_from" not in typed:  # done when the run began
+            settings.pop("init_from", None)
+        values, typed = values | settings | typed, settings | typed
     if values["resume"] == "auto":  # a checkpoint to continue, or a fresh start (all processes agree)
         from trainer.runtime import resume_auto
 
@@ -131,6 +145,31 @@ def _checkpoint_state(args: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def on_the_cpu(args: list[str]) -> bool:
+    """--cpu, typed or in the --config file: the processes start before the settings are complete."""
+    typed = vars(build_parser(typed_only=True).parse_args(args))
+    return bool(typed.get("cpu", "config" in typed and read_settings(typed["config"]).get("cpu", False)))
+
+
+# The setting a refusal is about: its subject (`--epochs must ...`, `epochs (--epochs) must ...`), or
+# the recipe field a checkpoint disagrees on (`... was trained with lr=0.5, ...`).
+SUBJECT = re.compile(r"^--(?P<flag>[a-z-]+)|^(?P<field>[a-z_]+) \(--| was trained with (?P<recipe>[a-z_]+)=")
+
+
+def name_the_file(message: str, args: list[str]) -> str:
+    """A refusal about a setting that the --config file gave (and no flag typed over) names the file."""
+    typed = vars(build_parser(typed_only=True).parse_args(args))
+    path, found = typed.pop("config", None), SUBJECT.search(message)
+    if path is None or found is None:
+        return message
+    name = (found["flag"] or "").replace("-", "_") or found["field"] or found["recipe"]
+    try:
+        from_file = name in read_settings(path) and name not in typed
+    except ConfigError:  # the refusal is the file's own
+        return message
+    return f"{message} ({path} sets {name})" if from_file else message
+
+
 def die_with_launcher() -> None:
     """When `accelerate launch` or torchrun started us, their death becomes our SIGTERM.
 
@@ -162,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         try:  # settle flag errors before the slow torch import; every process sees the same flags
             config = parse_config(args)
         except ConfigError as exc:
-            return fail(str(exc), everywhere=False)
+            return fail(name_the_file(str(exc), args), everywhere=False)
     from trainer.checkpoint import CheckpointError
     from trainer.engine import DIVERGED_EXIT_CODE, Diverged, Stopped, Trainer
     from trainer.runtime import PeerError, start_processes, world_size
@@ -170,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if resuming:
             if world_size() > 1:  # the processes agree on the checkpoint before reading its settings
-                start_processes(cpu="--cpu" in args)
+                start_processes(cpu=on_the_cpu(args))
             config = parse_config(args)  # reads the checkpoint's settings
         trainer = Trainer(config, command_args=args)
         # From here, Ctrl-C belongs to the trainer (save, then stop); once it has stopped, a late press
@@ -181,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), everywhere=False)
     except Diverged as exc:  # every process saw the same non-finite values
         return fail(str(exc), DIVERGED_EXIT_CODE, everywhere=False)
-    except (ConfigError, CheckpointError) as exc:
+    except ConfigError as exc:
+        return fail(name_the_file(str(exc), args))
+    except CheckpointError as exc:
         return fail(str(exc))
     except Stopped as exc:
         return 128 + int(exc.signum)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import os
 import re
+import stat
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.errors import ConfigError
+import yaml
+
+from trainer.errors import ConfigError, first_line
 
 __all__ = ["ConfigError", "TrainConfig"]
 
@@ -31,6 +35,14 @@ TARGET_PATTERN = re.compile(r"\s*(valid_(?:acc|loss)(?:_ema)?)\s*(>=|<=|>|<)\s*(
 DEFAULT_VAL_SPLIT = 5000
 # The data set of a run whose data was given in Python (Trainer(..., train_data=...)).
 CUSTOM_DATA = "custom"
+# The fields' groups (their metadata's "group"), as --help and to_yaml() title them.
+GROUP_TITLES = {"recipe": "recipe (decides the numbers)", "selection": "model selection (decides best and the end)",
+                "data": "data and evaluation", "infra": "infrastructure"}  # fmt: skip
+# A file of settings is a few KiB; a larger one is the wrong file, refused before it is read whole.
+SETTINGS_LIMIT = 1 << 20
+YAML_HEADER = """\
+# trainer settings, one per TrainConfig field. `trainer --config FILE` trains with them (the flags you type
+# override them) and TrainConfig.from_yaml(FILE) reads them in Python."""
 
 
 # What a field of each type takes in Python, how it is stored (numpy's numbers as Python's), and its name.
@@ -41,6 +53,45 @@ _KINDS: dict[type, tuple[Any, Any, str]] = {
     bool: (bool, bool, "a bool"),
 }
 _PATH = ((str, os.PathLike), os.fspath, "a str or path")  # the fields whose metadata says path=True
+
+
+_BOOL, _FLOAT, _TIMESTAMP = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "float", "timestamp"))
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}  # YAML 1.1's, for the bool fields alone
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader (plain data, never an object) with settings in mind: yes/no/on/off stay
+    words until a field's type decides (`mixed_precision: no` is the precision, `cpu: yes` a bool), a
+    date stays a string (`run_name: 2024-06-01`), 1e-3 is a number as for the flags (YAML 1.1 reads it
+    as text), and a key given twice is refused (the second would hide the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and not k.tag.endswith(":merge")]
+        for i, key in enumerate(keys):
+            if key.value in [k.value for k in keys[:i]]:
+                raise yaml.constructor.ConstructorError(None, None, f"{key.value!r} is given twice", key.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, quoting every string that either YAML 1.1 or _Loader would read as
+    another type (`'no'`, `'1e3'`), and writing each string on one line."""
+
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style=None if data.isprintable() else '"')
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in found if tag not in (_BOOL, _TIMESTAMP)]
+    for first, found in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+for _yaml in (_Loader, _Dumper):  # after YAML 1.1's own float, which wants a dot and a signed exponent
+    _yaml.add_implicit_resolver(
+        _FLOAT, re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+    )
+_Dumper.add_representer(str, _Dumper.represent_str)
+del _yaml
 
 
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
@@ -276,6 +327,10 @@ class TrainConfig:
         if self.compile_mode is not None and not self.compile:
             raise ConfigError("--compile-mode needs --compile")
         self._check_selection()
+        for f in dataclasses.fields(self):  # what the flags' choices refuse and no check above has (--progress)
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
 
     def _check_selection(self) -> None:
         if self.val_split is not None and not (
@@ -389,3 +444,73 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """Every field, in field order under its group's title, each with its help as a comment: the
+        text that from_yaml() and `trainer --config` read back as this config (and any YAML reader as
+        its values)."""
+        lines, group = [YAML_HEADER], None
+        for f in dataclasses.fields(self):
+            if f.metadata["group"] != group:
+                group = f.metadata["group"]
+                lines.append(f"\n# --- {GROUP_TITLES[group]} ---")
+            text = yaml.dump({f.name: getattr(self, f.name)}, Dumper=_Dumper, allow_unicode=True, width=math.inf)
+            lines.append(f"{text.rstrip()}  # {f.metadata['help']}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        """The config of a YAML file of settings (a run folder's config.yaml, or your own): the
+        defaults, then the fields the file sets, checked as TrainConfig(...) checks them. Any problem
+        is a one-line ConfigError naming the file."""
+        settings = read_settings(path)
+        try:
+            return cls(**settings)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {os.fspath(path)})") from None
+
+
+def read_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fields a YAML file sets, as a mapping of field names to values, read as plain data (never
+    an object), with a bool field's yes/no/on/off as bools and a choice in lower case, as the flags
+    take them. The values are checked by TrainConfig(...). Not a regular file (a FIFO is never
+    waited on), larger than SETTINGS_LIMIT, not YAML, not a mapping, a key that is no field: a
+    one-line ConfigError."""
+    where = os.fspath(path)
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open would wait for a writer
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+            raise ConfigError(f"the config file {where} is {kind}, not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(SETTINGS_LIMIT + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {where}: {exc.strerror or exc}") from None
+    if len(data) > SETTINGS_LIMIT:
+        raise ConfigError(f"the config file {where} is larger than {SETTINGS_LIMIT} bytes: not a file of settings")
+    try:
+        settings = yaml.load(data, Loader=_Loader)  # a SafeLoader: plain data, never an object
+    except yaml.YAMLError as exc:
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or first_line(exc)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"the config file {where} is not valid YAML: {problem}{at}") from None
+    except RecursionError:
+        raise ConfigError(f"the config file {where} is nested too deeply to be settings") from None
+    if not isinstance(settings, dict):
+        what = "nothing" if settings is None else f"a {type(settings).__name__}"
+        raise ConfigError(f"the config file {where} holds {what}, not settings: a mapping of fields to values, "
+                          "like `epochs: 10`")  # fmt: skip
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in settings.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]}?" if close else "the keys are the flags' names (--batch-size: batch_size)"
+            raise ConfigError(f"the config file {where} sets {key!r}, which is no setting; {hint}")
+        if isinstance(value, str) and bool in (typing.get_args(hints[key]) or (hints[key],)):
+            settings[key] = _BOOL_WORDS.get(value.lower(), value)
+        elif isinstance(value, str) and fields[key].metadata.get("choices"):
+            settings[key] = value.lower()
+    return settings

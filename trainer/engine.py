@@ -377,6 +377,11 @@ class Trainer:
         runtime.agree(error, f"use the run folder {self.run_dir}")
         if self._resume_from is not None:
             self._resume(self._resume_from)
+        # The settings as this run uses them, to run again with --config: the precision whatever chose
+        # it, where the weights came from (--init-from, resumed or not), and never a resume of its own.
+        parent = self.lineage["parent"] if self.lineage else None
+        self.log.write_config(dataclasses.replace(cfg, resume=None, init_from=parent,
+                                                  mixed_precision=acc.mixed_precision))  # fmt: skip
         acc.wait_for_everyone()
 
     def close(self) -> None:

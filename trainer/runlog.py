@@ -1,5 +1,5 @@
-"""A run's logs: metrics.jsonl (one line per epoch), curves.jsonl (per-step loss and LR) and the
-experiment trackers accelerate talks to (--log-with).
+"""A run's logs: config.yaml (its settings), metrics.jsonl (one line per epoch), curves.jsonl
+(per-step loss and LR) and the experiment trackers accelerate talks to (--log-with).
 
 The two files are the run's history so far, each replaced whole at every epoch's end: a full
 disk leaves the previous file, never half a line, and after a resume the lines of a lost future
@@ -13,8 +13,9 @@ from typing import Any
 
 from trainer import checkpoint as ckpt
 from trainer import runtime
-from trainer.config import TrainConfig
+from trainer.config import SETTINGS_LIMIT, TrainConfig
 
+CONFIG_NAME = "config.yaml"  # the run's settings as it used them: `trainer --config` runs them again
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.jsonl"
 WANDB_ID_NAME = "wandb-run-id"
@@ -28,6 +29,21 @@ class RunLog:
         self.accelerator, self.run_dir = accelerator, run_dir
         self.history: list[dict[str, Any]] = []  # one record per finished epoch
         self.curves: list[dict[str, Any]] = []  # per epoch: the loss and LR of every step
+
+    def write_config(self, config: TrainConfig) -> None:
+        """config.yaml as `config`, unless it holds that already (a resume that changed no setting
+        leaves it); replaced whole, by the main process; every process learns whether it worked."""
+        error = None
+        if self.accelerator.is_main_process:
+            path, text = self.run_dir / CONFIG_NAME, config.to_yaml()
+            try:
+                if _read_text(path) != text:
+                    ckpt.write_text_atomic(path, text)
+            except OSError as exc:
+                error = ckpt.SaveError(ckpt.describe_write_error(exc, "the run's config.yaml", self.run_dir))
+            except Exception as exc:  # a bug: its traceback, after the other processes were told
+                error = exc
+        runtime.agree(error, "write the run's config.yaml")
 
     def start_trackers(self, config: TrainConfig) -> None:
         """The trackers continue the run where they can: TensorBoard writes into the run folder's
@@ -112,3 +128,12 @@ class RunLog:
             except Exception as exc:  # a bug: its traceback, after the other processes were told
                 error = exc
         runtime.agree(error, "write the run's logs")
+
+
+def _read_text(path: Path) -> str | None:
+    """The text of a regular file of settings at `path`; None when there is none to read (missing,
+    a link, a FIFO, too large, not UTF-8)."""
+    try:
+        return ckpt.read_bytes(path, SETTINGS_LIMIT).decode("utf-8")
+    except (ckpt.CheckpointError, UnicodeDecodeError):
+        return None
