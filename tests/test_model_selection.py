@@ -313,6 +313,7 @@ CHANGED = {
     "ema": ["--ema", "0.9"], "augment": ["--augment"], "model": ["--model", "helpers.models:small_cnn"],
     "dataset": ["--dataset", "fashion-mnist"],
     "image_size": ["--dataset", "imagefolder:elsewhere", "--image-size", "8"],
+    "input_key": ["--input-key", "img"], "label_key": ["--label-key", "digit"],
     "limit_train_batches": ["--limit-train-batches", "3"], "val_split": ["--val-split", "100"],
     "monitor": ["--monitor", "valid_loss"], "early_stop": ["--early-stop", "2"],
     "min_delta": ["--early-stop", "2", "--min-delta", "0.1"], "eval_every": ["--eval-every", "5"],

@@ -143,11 +143,19 @@ class TrainConfig:
     )
     dataset: str = _opt(
         "mnist",
-        "training data: mnist, fashion-mnist, kmnist, or imagefolder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)",
+        "training data: mnist, fashion-mnist, kmnist, imagefolder:PATH (PATH/train/<class>/*, PATH/test/<class>/*), "
+        "or hf:PATH (a Hugging Face data set saved with save_to_disk: its train, validation and test splits)",
         "recipe",
     )
     image_size: str | None = _opt(
-        None, "image folders: decode images at N or HxW pixels (default: the first image's size)", "recipe"
+        None, "image folders and PIL images (hf:PATH): decode them at N or HxW pixels (default: the first one's size)",
+        "recipe",
+    )  # fmt: skip
+    input_key: str | None = _opt(
+        None, "samples that are dicts (hf:PATH): the input's key (default: pixel_values, image, img or input)", "recipe"
+    )
+    label_key: str | None = _opt(
+        None, "samples that are dicts (hf:PATH): the label's key (default: labels or label)", "recipe"
     )
     limit_train_batches: int | None = _opt(
         None, "train on at most N optimizer steps per epoch (the LR schedule is sized to it)", "recipe"
@@ -264,12 +272,12 @@ class TrainConfig:
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.dataset not in (*DATASETS, CUSTOM_DATA) and not self.dataset.startswith("imagefolder:"):
+        if self.dataset not in (*DATASETS, CUSTOM_DATA) and not self.dataset.startswith(("imagefolder:", "hf:")):
             raise ConfigError(
-                f"--dataset must be one of {', '.join(DATASETS)} or imagefolder:PATH, got {self.dataset!r}"
+                f"--dataset must be one of {', '.join(DATASETS)}, imagefolder:PATH or hf:PATH, got {self.dataset!r}"
             )
-        if self.dataset == "imagefolder:":
-            raise ConfigError("--dataset imagefolder:PATH needs the folder's PATH")
+        if self.dataset in ("imagefolder:", "hf:"):
+            raise ConfigError(f"--dataset {self.dataset}PATH needs the folder's PATH")
         if self.image_size is not None and not re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*)?", self.image_size):
             raise ConfigError(f"--image-size must be N or HxW (e.g. 32 or 24x32), got {self.image_size!r}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -322,8 +330,9 @@ class TrainConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
-        if self.image_size is not None and not self.dataset.startswith("imagefolder:"):
-            raise ConfigError(f"--image-size applies to image folders (--dataset imagefolder:PATH), not {self.dataset}")
+        if self.image_size is not None and self.dataset in DATASETS:
+            raise ConfigError(f"--image-size applies to images decoded from files (an image folder, hf:PATH), "
+                              f"not {self.dataset}")  # fmt: skip
         if self.compile_mode is not None and not self.compile:
             raise ConfigError("--compile-mode needs --compile")
         self._check_selection()
@@ -417,7 +426,7 @@ class TrainConfig:
         """The run folder's name."""
         if self.run_name:
             return self.run_name
-        if self.dataset.startswith("imagefolder:"):  # the folder's own name, also for `.` or `../x/`
+        if self.dataset.startswith(("imagefolder:", "hf:")):  # the folder's own name, also for `.` or `../x/`
             folder = os.path.basename(os.path.abspath(self.dataset.split(":", 1)[1]))
             return re.sub(r"[^A-Za-z0-9._-]", "_", folder).lstrip("._-") or "images"
         return self.dataset
@@ -432,11 +441,13 @@ class TrainConfig:
         }
         if custom_data:
             changes["dataset"] = CUSTOM_DATA
-        elif self.val_split is None:  # the data set's default, as a number the checkpoint records
-            changes["val_split"] = float(DEFAULT_VAL_SPLIT if self.dataset in DATASETS else 0)
-        elif self.dataset.startswith("imagefolder:"):
-            changes["dataset"] = "imagefolder:" + os.path.abspath(self.dataset.split(":", 1)[1])
-            changes["run_name"] = self.name
+        else:
+            if self.val_split is None:  # the data set's default, as a number the checkpoint records
+                changes["val_split"] = float(DEFAULT_VAL_SPLIT if self.dataset in DATASETS else 0)
+            kind, _, path = self.dataset.partition(":")
+            if path:  # imagefolder:PATH, hf:PATH: absolute, and the run folder named once for all
+                changes["dataset"] = f"{kind}:{os.path.abspath(path)}"
+                changes["run_name"] = self.name
         if resumed_run is not None and self.run_name is None:
             run = os.path.abspath(resumed_run)
             changes.update(output_dir=os.path.dirname(run), run_name=os.path.basename(run))

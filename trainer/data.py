@@ -11,21 +11,24 @@ exact counts, the (seed, epoch) order and the elastic resume hold for both paths
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.config import DEFAULT_VAL_SPLIT
 from trainer.errors import DataError, first_line
-from trainer.imagefolder import image_folder_path, load_image_folder_splits
+from trainer.imagefolder import GREY_MODES, grey_palette, image_folder_path, image_pixels, load_image_folder_splits
 from trainer.runtime import cores, local_processes
 
 # torchvision class name, its folder under --data-dir, and the class names shown to users.
@@ -82,10 +85,110 @@ class DataSource:
     digest: str | None = None  # an image folder's contents (its cache key)
 
 
-def user_source(train: Dataset, valid: Dataset, test: Dataset | None = None) -> DataSource:
-    """Data given in Python, checked on its first sample: (input tensor, int label) pairs; uint8
-    images channels first. The sample is read with the generators seeded and given back, so a
-    Dataset that augments does not move the run's random state."""
+# The keys a dict sample's input and label are found under, in this order, unless named
+# (--input-key, --label-key): those of transformers' image processors and of `datasets`.
+INPUT_KEYS = ("pixel_values", "image", "img", "input")
+LABEL_KEYS = ("labels", "label")
+
+
+class DictSamples(Dataset):
+    """A Dataset of dicts (a `datasets.Dataset`, or your own) read as (input, label) pairs. A PIL
+    image under the input key becomes uint8 [C, H, W] as an image folder's files do (grey or RGB,
+    at one size: `image`); numpy arrays and lists become tensors."""
+
+    def __init__(self, data: Any, input_key: str, label_key: str, image: tuple[bool, tuple[int, int]] | None) -> None:
+        self.data, self.input_key, self.label_key, self.image = data, input_key, label_key, image
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        item = self.data[index]
+        if not isinstance(item, Mapping) or self.input_key not in item or self.label_key not in item:
+            got = f"the keys {', '.join(map(str, item))}" if isinstance(item, Mapping) else f"a {type(item).__name__}"
+            raise DataError(f"sample {index} has {got}, not {self.input_key!r} and {self.label_key!r} as the first")
+        inputs = item[self.input_key]
+        if _is_pil(inputs):
+            if self.image is None:
+                raise DataError(f"sample {index}'s {self.input_key!r} is a PIL image; the first sample's is not")
+            grey, size = self.image
+            pixels = image_pixels(inputs, grey, size)
+            inputs = pixels.unsqueeze(0) if grey else pixels
+        elif not isinstance(inputs, Tensor):
+            inputs = torch.as_tensor(np.asarray(inputs)) if not isinstance(inputs, int | float) else inputs
+        return inputs, item[self.label_key]
+
+    @property
+    def targets(self) -> Any:
+        """The labels without the inputs, where the data set has them as a column (`datasets`)."""
+        if self.label_key not in (getattr(self.data, "column_names", None) or ()):
+            return None
+        try:  # the column alone, without the data set's format or transform (which may read every image)
+            return list(self.data.with_format(None).select_columns([self.label_key])[self.label_key])
+        except Exception:  # noqa: BLE001 (not a `datasets.Dataset` after all: read the samples one by one)
+            return None
+
+
+def _is_pil(value: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)
+
+
+def _dict_keys(sample: Mapping, input_key: str | None, label_key: str | None) -> tuple[str, str]:
+    """The input's and the label's keys in a dict sample: the ones named, else the usual names."""
+    keys = ", ".join(map(str, sample)) or "none"
+
+    def pick(named: str | None, usual: tuple[str, ...], what: str) -> str:
+        if named is not None:
+            if named not in sample:
+                raise DataError(f"train_data[0] has no key {named!r} (--{what}-key); its keys: {keys}")
+            return named
+        for key in usual:
+            if key in sample:
+                return key
+        raise DataError(
+            f"train_data[0] is a dict without {' or '.join(repr(k) for k in usual)}: name its {what}'s key with "
+            f"--{what}-key (input_key= / label_key= in Python); its keys: {keys}"
+        )
+
+    return pick(input_key, INPUT_KEYS, "input"), pick(label_key, LABEL_KEYS, "label")
+
+
+def dict_source(
+    train: Any, valid: Any, test: Any, input_key: str | None, label_key: str | None, image_size: tuple[int, int] | None
+) -> tuple[Any, Any, Any, tuple[str, ...] | None]:
+    """Data sets of dict samples as (input, label) data sets, and the class names their label
+    feature has (`datasets.ClassLabel`), if any. Images are grey when the first is, at its size
+    unless `image_size`."""
+    with _seeded(0, 0):
+        first = train[0]
+    if not isinstance(first, Mapping):
+        return train, valid, test, None
+    keys = _dict_keys(first, input_key, label_key)
+    image = None
+    if _is_pil(first[keys[0]]):
+        picture = first[keys[0]]
+        grey = picture.mode in GREY_MODES or (picture.mode == "P" and grey_palette(picture))
+        image = (grey, image_size or (picture.size[1], picture.size[0]))
+    feature = (getattr(train, "features", None) or {}).get(keys[1])
+    names = tuple(str(n) for n in feature.names) if getattr(feature, "names", None) else None
+    wrapped = [None if d is None else DictSamples(d, *keys, image) for d in (train, valid, test)]
+    return (*wrapped, names)
+
+
+def user_source(
+    train: Dataset,
+    valid: Dataset,
+    test: Dataset | None = None,
+    input_key: str | None = None,
+    label_key: str | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> DataSource:
+    """Data given in Python, checked on its first sample: (input tensor, int label) pairs, or dicts
+    holding them (see `dict_source`); uint8 images channels first. The sample is read with the
+    generators seeded and given back, so a Dataset that augments does not move the run's random
+    state."""
     from torch.utils.data import IterableDataset
 
     for name, data in (("train_data", train), ("eval_data", valid), ("test_data", test)):
@@ -101,10 +204,11 @@ def user_source(train: Dataset, valid: Dataset, test: Dataset | None = None) -> 
             ) from None
         if size == 0:
             raise DataError(f"{name} is empty")
+    train, valid, test, names = dict_source(train, valid, test, input_key, label_key, image_size)
     with _seeded(0, 0):
         sample = train[0]
     if not isinstance(sample, tuple | list) or len(sample) != 2:
-        raise DataError(f"train_data[0] must be an (input, label) pair, got {type(sample).__name__}")
+        raise DataError(f"train_data[0] must be an (input, label) pair or a dict, got {type(sample).__name__}")
     try:
         example, label = torch.as_tensor(sample[0]), class_label(sample[1])
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -117,7 +221,7 @@ def user_source(train: Dataset, valid: Dataset, test: Dataset | None = None) -> 
             f"uint8 images must be channels first [C, H, W]; these look like [H, W, C] {list(shape)}: permute them"
         )
     normalization = NORMALIZATION if example.dtype == torch.uint8 else None  # pixels are scaled as MNIST's
-    return DataSource("custom", train, valid, test, EVAL_DATA, None, shape, normalization, example)
+    return DataSource("custom", train, valid, test, EVAL_DATA, names, shape, normalization, example)
 
 
 def named_source(
@@ -127,9 +231,14 @@ def named_source(
     say: Any,
     val_split: float = 0,
     seed: int = 0,
+    input_key: str | None = None,
+    label_key: str | None = None,
 ) -> DataSource:
-    """A built-in data set (mnist, fashion-mnist, kmnist) or `imagefolder:PATH`, as tensors, with
-    its validation split: `val_split` images held out of the training split (see `held_out_count`)."""
+    """A built-in data set (mnist, fashion-mnist, kmnist) or `imagefolder:PATH`, as tensors, or
+    `hf:PATH` (see `hf_source`), with its validation split: `val_split` images held out of the
+    training split (see `held_out_count`)."""
+    if dataset.startswith("hf:"):
+        return hf_source(dataset, image_size, say, val_split, seed, input_key, label_key)
     folder = image_folder_path(dataset)
     if folder is not None:
         splits, names, digest = load_image_folder_splits(folder, data_dir, image_size, say)
@@ -151,6 +260,74 @@ def named_source(
     return DataSource(dataset, train, valid, test, HELD_OUT, names, shape, NORMALIZATION, digest=digest)
 
 
+# The names a saved data set's validation split goes by (the first one present is used).
+VALIDATION_SPLITS = ("validation", "valid", "val")
+HF_INSTALL = 'pip install -e ".[hf]" in the checkout (datasets)'
+
+
+def load_saved(path: Path) -> Any:
+    """A Hugging Face data set saved with `save_to_disk` (a DatasetDict): read offline."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--dataset hf:PATH needs the datasets package: {HF_INSTALL}") from None
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder (hf:PATH names a data set saved with save_to_disk)")
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 (datasets' own errors: not a saved data set)
+        raise DataError(f"{path} is not a data set saved with save_to_disk ({first_line(exc)})") from None
+    if not isinstance(saved, datasets.DatasetDict):
+        raise DataError(f"{path} holds one split; hf:PATH needs a DatasetDict with train and test (or validation)")
+    return saved
+
+
+def hf_source(
+    dataset: str,
+    image_size: tuple[int, int] | None,
+    say: Any,
+    val_split: float,
+    seed: int,
+    input_key: str | None,
+    label_key: str | None,
+) -> DataSource:
+    """`hf:PATH`: its train split trains; a validation split validates and test is scored once at
+    the end; with only one of them, it validates (as an image folder's test/), unless --val-split
+    holds images out of train (stratified by the label column, seeded, as for MNIST)."""
+    path = Path(dataset.split(":", 1)[1])
+    saved = load_saved(path)
+    if "train" not in saved:
+        raise DataError(f"{path} has the splits {', '.join(saved)}, no train")
+    val = next((saved[k] for k in VALIDATION_SPLITS if k in saved), None)
+    test = saved.get("test")
+    if val is None and test is None:
+        raise DataError(f"{path} has the splits {', '.join(saved)}: it needs test or validation beside train")
+    train = saved["train"]
+    if val is not None and test is not None:  # its own validation split: it validates, test is scored at the end
+        if val_split:
+            raise DataError(f"{path} has its own validation split beside test: leave --val-split out (or pass 0)")
+        role, valid = VAL_FOLDER, val
+    else:
+        role, test = TEST_SPLIT, val if test is None else test
+        valid = test
+        count = held_out_count(val_split, len(train))
+        if count:
+            labels = readable_labels(DictSamples(train, *_dict_keys(train[0], input_key, label_key), None))
+            if labels is None:
+                raise DataError(f"{path}: --val-split needs the training split's labels as a column")
+            chosen = held_out_mask(labels, count, seed)
+            valid = train.select(torch.nonzero(chosen).flatten().tolist())
+            train = train.select(torch.nonzero(~chosen).flatten().tolist())
+            role = HELD_OUT
+    source = user_source(train, valid, test, input_key, label_key, image_size)
+    import hashlib  # what the splits hold, as `datasets` fingerprints them: a resume checks it did not change
+
+    fingerprints = " ".join(str(getattr(d, "_fingerprint", "")) for d in (train, valid, test))
+    digest = hashlib.sha256(fingerprints.encode()).hexdigest()
+    say(f"data: {path}: {len(train)} training, {len(valid)} validation, {len(test)} test samples")
+    return dataclasses.replace(source, name=f"hf:{path}", validation=role, digest=digest)
+
+
 def held_out_count(val_split: float, n_train: int) -> int:
     """--val-split as a number of training images: N itself, or a fraction of the split (rounded).
     It must leave some training images; 0 means that validation is the test split."""
@@ -169,7 +346,12 @@ def hold_out(split: Split, count: int, seed: int) -> tuple[Split, Split]:
     share (largest remainders settle the rounding, ties to the lower class), chosen by a generator
     seeded with `seed` alone, so every process and every resume holds out the same images. Both
     parts keep the split's order."""
-    labels = split.labels
+    chosen = held_out_mask(split.labels, count, seed)
+    return Split(split.images[~chosen], split.labels[~chosen]), Split(split.images[chosen], split.labels[chosen])
+
+
+def held_out_mask(labels: Tensor, count: int, seed: int) -> Tensor:
+    """Which of `labels` `hold_out` holds out: a bool mask with `count` True, stratified and seeded."""
     classes = int(labels.max()) + 1 if len(labels) else 0
     sizes = torch.bincount(labels, minlength=classes)
     exact = sizes.double() * count / len(labels)
@@ -183,7 +365,7 @@ def hold_out(split: Split, count: int, seed: int) -> tuple[Split, Split]:
     for k in range(classes):
         members = torch.nonzero(labels == k).flatten()
         chosen[members[torch.randperm(len(members), generator=g)[: int(quota[k])]]] = True
-    return Split(split.images[~chosen], labels[~chosen]), Split(split.images[chosen], labels[chosen])
+    return chosen
 
 
 def input_shape_of(data: Split | Dataset) -> tuple[int, ...]:

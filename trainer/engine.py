@@ -44,7 +44,7 @@ from trainer.data import (
 from trainer.errors import first_line
 from trainer.evaluation import EvalResult, evaluate_model, load_weights
 from trainer.imagefolder import parse_image_size
-from trainer.model import MODELS, build_model, import_factory, output_classes
+from trainer.model import MODELS, build_model, import_factory, logits_of, output_classes
 from trainer.runlog import RunLog
 
 # With several processes, a stop request is agreed on (one tiny all-reduce) every this many steps.
@@ -204,7 +204,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _setup_data(self, train_data: Dataset | None, eval_data: Dataset | None, test_data: Dataset | None) -> None:
         cfg, acc = self.config, self.accelerator
-        self.data = user_source(train_data, eval_data, test_data) if train_data is not None else self._load_data()
+        if train_data is not None:
+            self.data = user_source(train_data, eval_data, test_data, cfg.input_key, cfg.label_key,
+                                    parse_image_size(cfg.image_size))  # fmt: skip
+        else:
+            self.data = self._load_data()
         self.train_size, self.valid_size = len(self.data.train), len(self.data.valid)
         # The test split when it is not the validation split itself: scored once, when the run ends.
         self.test_size = len(self.data.test) if self.data.test is not None else 0
@@ -244,7 +248,7 @@ class Trainer:
             try:
                 say = self.report.line if acc.is_local_main_process else (lambda _: None)
                 source = named_source(cfg.dataset, cfg.data_dir, parse_image_size(cfg.image_size), say,
-                                      cfg.val_split, cfg.seed)  # fmt: skip
+                                      cfg.val_split, cfg.seed, cfg.input_key, cfg.label_key)  # fmt: skip
             except ConfigError as exc:  # data missing on one machine must stop the others too
                 error = exc
         runtime.agree(error, f"load the {cfg.dataset} data")
@@ -254,7 +258,11 @@ class Trainer:
         cfg, shape = self.config, self.data.input_shape
         if class_names is not None and len(class_names) == 0:  # else taken as no names at all
             raise ConfigError('class_names is empty: give one name per class, or leave it out (then "0".."C-1")')
-        names = self.data.class_names or (tuple(str(n) for n in class_names) if class_names is not None else None)
+        given = tuple(str(n) for n in class_names) if class_names is not None else None
+        if given is not None and self.data.class_names is not None and given != self.data.class_names:
+            raise ConfigError(f"class_names {', '.join(given[:4])}... disagree with the data set's own "
+                              f"({', '.join(self.data.class_names[:4])}...): leave class_names out")  # fmt: skip
+        names = self.data.class_names or given
         if names is not None and len(set(names)) < len(names):  # predictions name classes: each name once
             twice = sorted({n for n in names if names.count(n) > 1})
             raise ConfigError(f"class_names name a class more than once: {', '.join(twice[:4])}")
@@ -652,7 +660,7 @@ class Trainer:
                 x = model_input(inputs, self.data.normalization, self.channels_last)
                 if draws is not None:
                     x = recipe.augment(x, draws[index], self._augment_pad)
-                logits = self.model(x)
+                logits = logits_of(self.model(x))
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
                 acc.backward(loss)
             losses.append(loss.detach())

@@ -25,7 +25,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import CUSTOM_DATA, ConfigError
 from trainer.data import DATASET_INFO, NORMALIZATION, held_out_count, hold_out, load_split, model_input
 from trainer.errors import first_line
-from trainer.model import MODELS, build_model
+from trainer.model import MODELS, build_model, logits_of
 
 
 @dataclass
@@ -144,7 +144,7 @@ def load_model(checkpoint: str | os.PathLike, model_spec: str | None = None) -> 
             f"{path} holds a {architecture} model, which is not built in: pass {built} to rebuild it "
             "(code is never imported because a checkpoint names it)"
         )
-    if dataset not in DATASET_INFO and not str(dataset).startswith("imagefolder:") and dataset != CUSTOM_DATA:
+    if dataset not in DATASET_INFO and not str(dataset).startswith(("imagefolder:", "hf:")) and dataset != CUSTOM_DATA:
         raise ckpt.CheckpointError(f"{path}: unknown data set {dataset!r} (known: {', '.join(DATASET_INFO)})")
     try:
         class_names = tuple(_strings(json.loads(meta["class_names"])))
@@ -266,6 +266,16 @@ def load_test_split(loaded: LoadedModel, data_dir: str | None, dataset: str | No
             f"{loaded.path} was trained on data given in Python: evaluate it there ({IN_PYTHON}, then "
             "Trainer.evaluate(model) or trainer.evaluation.evaluate_model)"
         )
+    if loaded.dataset.startswith("hf:"):  # the saved data set, its splits chosen as in training
+        from trainer.data import hf_source
+
+        where = dataset if dataset is not None else loaded.dataset
+        if not where.startswith("hf:"):
+            raise ConfigError(f"{loaded.path} was trained on {loaded.dataset}: --dataset {dataset} is not that kind")
+        size = parse_image_size(recorded.get("image_size"))
+        source = hf_source(where, size, lambda _: None, recorded.get("val_split") or 0, recorded.get("seed", 0),
+                           recorded.get("input_key"), recorded.get("label_key"))  # fmt: skip
+        return source.valid if split == "valid" else source.test
     folder = image_folder_path(loaded.dataset)
     if dataset is not None:
         if (image_folder_path(dataset) is None) != (folder is None):
@@ -320,7 +330,7 @@ def evaluate_model(
     losses_seen = []  # per-image float32 losses stay on the device (no float64 there: MPS has none)
     started, first_batch_s = time.perf_counter(), 0.0
     for images, labels, *_ in loader:  # (the sample numbers are for augmentation)
-        logits = model(model_input(images, normalization, channels_last)).float()
+        logits = logits_of(model(model_input(images, normalization, channels_last))).float()
         if not losses_seen:
             first_batch_s = time.perf_counter() - started
         losses = F.cross_entropy(logits, labels, reduction="none")

@@ -40,6 +40,7 @@ from trainer.config import ConfigError
 from trainer.data import model_input
 from trainer.errors import HelpFormatter, Parser, fail, first_line
 from trainer.evaluation import LoadedModel, load_model, recorded, recorded_config
+from trainer.model import logits_of
 
 FORMATS = ("onnx", "torch-export", "hf")
 SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2"}
@@ -64,7 +65,7 @@ class PixelsToLogits(nn.Module):
         self.normalization = normalization
 
     def forward(self, pixels: Tensor) -> Tensor:
-        return self.model(model_input(pixels, self.normalization))
+        return logits_of(self.model(model_input(pixels, self.normalization)))
 
 
 def describe(loaded: LoadedModel) -> dict[str, Any]:

@@ -75,11 +75,17 @@ def eight_bit(image: Any) -> Any:
 def decode_image(file: str | os.PathLike, grey: bool, size: tuple[int, int]) -> Tensor:
     """An image file as uint8 [H, W] (grey) or [3, H, W], resized to `size` (H, W) if it differs.
     Training, evaluate and predict all decode through here, so the model sees the same pixels."""
+    with opened_image(file) as opened:
+        return image_pixels(opened, grey, size)
+
+
+def image_pixels(image: Any, grey: bool, size: tuple[int, int]) -> Tensor:
+    """A PIL image as uint8 [H, W] (grey) or [3, H, W], resized to `size` (H, W) if it differs:
+    an image folder's files and the PIL images of a `datasets.Dataset` alike."""
     import numpy as np
     from PIL import Image
 
-    with opened_image(file) as opened:
-        image = eight_bit(opened).convert("L" if grey else "RGB")
+    image = eight_bit(image).convert("L" if grey else "RGB")
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())

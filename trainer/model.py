@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -103,6 +104,21 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] =
     return model
 
 
+def logits_of(output: Any) -> Any:
+    """The logits in what a model returns: a tensor; a dict's or an object's `logits` (transformers'
+    ModelOutput is both); else a tuple's or list's first item. Anything else is returned as it is
+    (and found not to be logits [B, C] by whoever checks)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, tuple | list) and output:
+        return output[0]
+    return output
+
+
 def output_classes(model: nn.Module, one_input: Tensor) -> int:
     """How many classes `model` tells apart: its output width for a batch of one input (run in eval
     mode, so BatchNorm's statistics stay as they are). A model that cannot take the input, or does
@@ -113,7 +129,7 @@ def output_classes(model: nn.Module, one_input: Tensor) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(one_input)
+            logits = logits_of(model(one_input))
     except Exception as exc:  # noqa: BLE001 (the user's model and data do not fit: say so in one line)
         shape = tuple(one_input.shape[1:])
         raise ConfigError(f"the model cannot take one input of shape {shape}: {first_line(exc)}") from None
@@ -121,5 +137,8 @@ def output_classes(model: nn.Module, one_input: Tensor) -> int:
         model.train(was_training)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ConfigError(f"the model must return logits [batch, classes]; for a batch of 1 it returned {got}")
+        raise ConfigError(
+            f"the model must return logits [batch, classes] (or a tuple, dict or output object holding them as its "
+            f"first item or `logits`); for a batch of 1 it returned {got}"
+        )
     return logits.shape[1]

@@ -33,6 +33,7 @@ from trainer.data import DATASET_INFO
 from trainer.errors import DataError, HelpFormatter, Parser, add_json_flag, fail, write_json
 from trainer.evaluation import load_model, model_input
 from trainer.imagefolder import IMAGE_SUFFIXES, decode_image, eight_bit, grey_palette, opened_image
+from trainer.model import logits_of
 
 # MNIST's recipe: the digit fits in a BOX x BOX square, centred by mass in the SIZE x SIZE image.
 SIZE, BOX = 28, 20
@@ -151,7 +152,7 @@ def load_image(path: str | os.PathLike, invert: str = "auto") -> Tensor:
 def predict(loaded: Any, pixels: Tensor, device: str | torch.device = "cpu") -> Tensor:
     """Class probabilities [B, classes] for images [B, H, W] or [B, C, H, W] (0-255 scale) from a `LoadedModel`."""
     model = loaded.model.to(device).eval()
-    logits = model(model_input(pixels.to(device), loaded.normalization)).float()
+    logits = logits_of(model(model_input(pixels.to(device), loaded.normalization))).float()
     return logits.softmax(dim=1).cpu()
 
 
