@@ -62,7 +62,7 @@ def test_a_misspelled_precision_in_the_environment_is_normalised_or_refused(run_
     [
         (["--seed", "-5"], "--seed must be in 0..4294967295, got -5"),
         (["--seed", "4294967296"], "--seed must be in 0..4294967295"),
-        (["--image-size", "32"], "--image-size applies to image folders"),
+        (["--image-size", "32"], "--image-size applies to images decoded from files"),
         (["--compile-mode", "max-autotune"], "--compile-mode needs --compile"),
     ],
 )
